@@ -1,0 +1,174 @@
+"""The pooled PostgreSQL ``DatabaseWrapper``.
+
+Django already decides when a connection is opened (``connect`` →
+``get_new_connection`` → ``init_connection_state``) and closed (``close`` →
+``_close``, at the end of each request with ``CONN_MAX_AGE = 0``). This
+backend only changes what "open" and "close" mean: check out of, and back
+into, the pool of :mod:`django_postgrespool.pool`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+from django.db import connections
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.backends.postgresql import base as postgresql_base
+from django.db.backends.postgresql.creation import DatabaseCreation as PostgreSQLCreation
+from sqlalchemy.pool import PoolProxiedConnection
+
+from django_postgrespool import registry
+from django_postgrespool.options import POOL_OPTION_NAMES, resolve_pool_options
+from django_postgrespool.pool import _CONFIGURED, _ISOLATION, ConnectionPool, Target
+
+__all__ = ["DatabaseCreation", "DatabaseWrapper", "PooledDatabaseWrapperMixin"]
+
+# Derived from other settings that are part of the key already (USE_TZ,
+# TIME_ZONE, OPTIONS), and not hashable in a stable way.
+_UNKEYED_PARAMS = frozenset({"context", "cursor_factory"})
+
+
+def _freeze(value: Any) -> Hashable:
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), _freeze(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, (str, int, float, bool, type(None), bytes)):
+        return value
+    return repr(value)
+
+
+class DatabaseCreation(PostgreSQLCreation):
+    """Close the pools of a test database before it is cloned or dropped."""
+
+    # CREATE DATABASE ... TEMPLATE and DROP DATABASE fail while any session
+    # is connected to that database, and idle pooled connections are sessions.
+
+    def _clone_test_db(self, suffix: str, verbosity: int, keepdb: bool = False) -> None:
+        self.connection.close()
+        registry.close_pools(database=self.connection.settings_dict["NAME"])
+        super()._clone_test_db(suffix, verbosity, keepdb)
+
+    def _destroy_test_db(self, test_database_name: str, verbosity: int) -> None:
+        self.connection.close()
+        registry.close_pools(database=test_database_name)
+        super()._destroy_test_db(test_database_name, verbosity)
+
+
+class PooledDatabaseWrapperMixin:
+    """Turn a PostgreSQL ``DatabaseWrapper`` into a pooled one."""
+
+    creation_class = DatabaseCreation
+    _pool_connection: PoolProxiedConnection | None = None
+    _pool: ConnectionPool | None = None
+
+    # Django's own pool (OPTIONS['pool'], Django >= 5.1) is never used.
+    pool = None
+
+    def get_connection_params(self) -> dict[str, Any]:
+        params: dict[str, Any] = super().get_connection_params()  # type: ignore[misc]
+        for name in POOL_OPTION_NAMES:
+            params.pop(name, None)
+        return params
+
+    def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
+        pool = registry.get_pool(self._pool_key(conn_params), self._build_pool)
+        conn = pool.checkout(self, conn_params)
+        self._pool, self._pool_connection = pool, conn
+        self.isolation_level = conn.info[_ISOLATION]
+        return conn.dbapi_connection
+
+    def _create_physical_connection(self, conn_params: dict[str, Any]) -> Any:
+        """Open a new physical connection the way Django would without a pool."""
+        return super().get_new_connection(conn_params)  # type: ignore[misc]
+
+    def init_connection_state(self) -> None:
+        conn = self._pool_connection
+        if conn is not None and conn.info.get(_CONFIGURED):
+            # The session (time zone, role) was set up when this physical
+            # connection was opened; only the once-per-alias checks remain.
+            BaseDatabaseWrapper.init_connection_state(self)  # type: ignore[arg-type]
+            return
+        super().init_connection_state()  # type: ignore[misc]
+        if conn is not None:
+            conn.info[_CONFIGURED] = True
+
+    def _close(self) -> None:
+        conn, pool = self._pool_connection, self._pool
+        if conn is None or pool is None:
+            super()._close()  # type: ignore[misc]
+            return
+        self._pool_connection = None
+        if self.in_atomic_block:  # type: ignore[attr-defined]
+            # Django keeps self.connection after a close inside an atomic
+            # block (closed_in_transaction); it must not be lent to anyone.
+            pool.discard(conn, "it was closed inside an atomic block")
+            return
+        with self.wrap_database_errors:  # type: ignore[attr-defined]
+            pool.checkin(conn, autocommit=self.settings_dict["AUTOCOMMIT"])  # type: ignore[attr-defined]
+
+    def close_pool(self) -> None:
+        """Close every pool of this alias in this process (Django >= 5.1 API)."""
+        registry.close_pools(alias=self.alias)  # type: ignore[attr-defined]
+
+    def _forget_after_fork(self) -> None:
+        # The physical connection belongs to the parent process.
+        self._pool_connection = self._pool = None
+        self.connection = None
+        self.in_atomic_block = False
+        self.closed_in_transaction = False
+        self.needs_rollback = False
+        self.savepoint_ids = []
+        self.atomic_blocks = []
+        self.run_on_commit = []
+
+    # -- pools ------------------------------------------------------------
+
+    def _pool_key(self, conn_params: dict[str, Any]) -> Hashable:
+        settings_dict = self.settings_dict  # type: ignore[attr-defined]
+        return (
+            self.alias,  # type: ignore[attr-defined]
+            type(self).__qualname__,
+            _freeze({k: v for k, v in conn_params.items() if k not in _UNKEYED_PARAMS}),
+            _freeze(settings_dict["OPTIONS"]),
+            _freeze(settings_dict.get("POOL_OPTIONS")),
+            self.timezone_name,  # type: ignore[attr-defined]
+            settings.USE_TZ,
+        )
+
+    def _build_pool(self) -> ConnectionPool:
+        alias: str = self.alias  # type: ignore[attr-defined]
+        settings_dict = self.settings_dict  # type: ignore[attr-defined]
+        if settings_dict["OPTIONS"].get("pool"):
+            raise ImproperlyConfigured(
+                f"DATABASES[{alias!r}]['OPTIONS']['pool'] turns on Django's own "
+                f"connection pool, which cannot be combined with ENGINE "
+                f"{settings_dict['ENGINE']!r}. Remove it and put the pool's settings "
+                f"in DATABASES[{alias!r}]['POOL_OPTIONS']."
+            )
+        options = resolve_pool_options(
+            alias, settings_dict, getattr(settings, "DATABASE_POOL_ARGS", None)
+        )
+        target = Target(
+            database=str(settings_dict["NAME"] or "postgres"),
+            host=str(settings_dict["HOST"] or "(default)"),
+            port=str(settings_dict["PORT"] or "5432"),
+            user=str(settings_dict["USER"] or "(default)"),
+        )
+        return ConnectionPool(alias, options, target)
+
+
+class DatabaseWrapper(PooledDatabaseWrapperMixin, postgresql_base.DatabaseWrapper):
+    """PostgreSQL, with connections borrowed from a pool."""
+
+
+def _forget_parent_connections() -> None:
+    for wrapper in connections.all(initialized_only=True):
+        if isinstance(wrapper, PooledDatabaseWrapperMixin) and wrapper._pool is not None:
+            wrapper._forget_after_fork()
+
+
+registry.on_fork_in_child(_forget_parent_connections)
