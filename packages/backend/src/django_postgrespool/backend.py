@@ -172,3 +172,14 @@ def _forget_parent_connections() -> None:
 
 
 registry.on_fork_in_child(_forget_parent_connections)
+
+
+def _register_checks() -> None:
+    # Also without 'django_postgrespool' in INSTALLED_APPS, as soon as the
+    # backend is loaded.
+    from django_postgrespool import checks
+
+    checks.register_all()
+
+
+_register_checks()

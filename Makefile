@@ -1,0 +1,64 @@
+# django-postgrespool: `make help` lists the targets.
+#
+# Lanes: one virtualenv per Django × driver under .venv/ (made with uv).
+# DJANGO=4.2|5.2|6.1 and DRIVER=psycopg|psycopg2 pick the lane of `make test`;
+# MATRIX=1 runs every lane (what CI does).
+
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+PYTHON ?= python3
+DJANGO ?= 5.2
+DRIVER ?= psycopg
+MATRIX ?=
+QUICK ?=
+PYTEST_ARGS ?=
+
+LANE := dj$(subst .,,$(DJANGO))-$(DRIVER)
+LANES := $(if $(MATRIX),$(shell $(PYTHON) tests/support/lanes.py list),$(LANE))
+lane_python = $$($(PYTHON) tests/support/lanes.py python $(1))
+
+.PHONY: help
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+.PHONY: test
+test: ## Run the test suite (DJANGO=, DRIVER=, or MATRIX=1 for every lane), then the legacy lane
+	@for lane in $(LANES); do \
+	  echo "==> lane $$lane"; \
+	  py=$(call lane_python,$$lane); \
+	  $$py -m pytest tests -p no:cacheprovider -m "not reliability" $(PYTEST_ARGS) || exit 1; \
+	done
+	@$(MAKE) --no-print-directory test-legacy
+
+.PHONY: test-legacy
+test-legacy: ## Run the legacy lane: Python 2.7 + Django 1.6 + South 1.0.2
+	@$(PYTHON) tests/legacy/run.py
+
+.PHONY: test-reliability
+test-reliability: ## Run the reliability and security suite and print its report
+	@py=$(call lane_python,$(LANE)); \
+	$$py -m pytest tests -p no:cacheprovider -m reliability $(PYTEST_ARGS)
+
+.PHONY: conformance
+conformance: ## Run Django's own test suite against the pooled engine and the stock one
+	@$(PYTHON) tests/conformance/run.py $(if $(MATRIX),--all,)
+
+.PHONY: bench
+bench: ## Benchmark against the alternatives (QUICK=1 for a short run)
+	@$(PYTHON) bench/run.py $(if $(QUICK),--quick,)
+
+.PHONY: demo
+demo: ## Serve the example project on 127.0.0.1:8000 with an embedded PostgreSQL
+	@py=$(call lane_python,$(LANE)); \
+	$$py examples/demo.py
+
+.PHONY: lint
+lint: ## Type-check the packages (mypy)
+	@py=$(call lane_python,$(LANE) mypy); \
+	$$py -m mypy packages/backend/src packages/dburl/src
+
+.PHONY: clean
+clean: ## Remove the virtualenvs and the demo's database
+	rm -rf .venv .pgdata

@@ -1,0 +1,133 @@
+"""Virtual environments for each supported Django × driver lane.
+
+    python3 tests/support/lanes.py python LANE     # set the lane up, print its python
+    python3 tests/support/lanes.py list            # the lanes CI runs
+
+A lane is ``dj<major><minor>-<driver>``, e.g. ``dj52-psycopg`` (psycopg 3) or
+``dj42-psycopg2``. Each lane gets its own virtualenv under ``.venv/`` with one
+driver only (Django prefers psycopg 3 when both are installed). Environments
+are made with uv, itself installed into ``.venv/tools`` on first use.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+VENVS = ROOT / ".venv"
+
+DJANGO = {"4.2": "Django>=4.2,<4.3", "5.2": "Django>=5.2,<5.3", "6.1": "Django>=6.1,<6.2"}
+# Python each Django runs on here (6.1 needs >= 3.12).
+PYTHON = {"4.2": "3.11", "5.2": "3.11", "6.1": "3.12"}
+DRIVERS = {"psycopg": "psycopg[binary]>=3.1.8", "psycopg2": "psycopg2-binary>=2.9"}
+# Both SQLAlchemy series the backend supports, spread over the lanes.
+SQLALCHEMY = {"4.2": "SQLAlchemy>=2.0,<2.1", "5.2": "SQLAlchemy>=2.1,<2.2", "6.1": "SQLAlchemy>=2.1,<2.2"}
+COMMON = [
+    "pytest>=8",
+    "dj-database-url>=3.0",
+    "gunicorn>=22",
+    "-e", str(ROOT / "packages" / "backend"),
+    "-e", str(ROOT / "packages" / "dburl"),
+    "-e", str(ROOT / "packages" / "south_adapter"),
+]
+ALL_LANES = [f"dj{d.replace('.', '')}-{drv}" for d in DJANGO for drv in ("psycopg2", "psycopg")]
+
+
+def find_python(version: str) -> str:
+    """Return an interpreter for ``version`` (e.g. "3.12" or "2.7"), or exit with why."""
+    names = [f"python{version}"]
+    found = [shutil.which(n) for n in names]
+    candidates = [f for f in found if f]
+    pyenv_root = os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")
+    with_pyenv = shutil.which("pyenv")
+    if with_pyenv:
+        out = subprocess.run([with_pyenv, "root"], capture_output=True, text=True)
+        if out.returncode == 0:
+            pyenv_root = out.stdout.strip()
+    candidates += sorted(glob.glob(f"{pyenv_root}/versions/{version}*/bin/python{version}"), reverse=True)
+    for path in candidates:
+        if version.startswith("3"):
+            ok = subprocess.run([path, "-c", "import venv"], capture_output=True).returncode == 0
+        else:
+            ok = os.access(path, os.X_OK)
+        if ok:
+            return path
+    # A newer Python 3 serves too (Django 6.1 also runs on 3.13).
+    if version.startswith("3."):
+        minor = int(version.split(".")[1])
+        for newer in range(minor + 1, minor + 4):
+            try:
+                return find_python(f"3.{newer}")
+            except SystemExit:
+                continue
+    raise SystemExit(f"no Python {version} interpreter found (looked on PATH and in pyenv)")
+
+
+def uv() -> str:
+    """Return the path of uv, installing it into .venv/tools the first time."""
+    system = shutil.which("uv")
+    if system:
+        return system
+    tools = VENVS / "tools"
+    binary = tools / "bin" / "uv"
+    if not binary.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(tools)], check=True)
+        subprocess.run([str(tools / "bin" / "pip"), "install", "-q", "uv"], check=True)
+    return str(binary)
+
+
+def parse(lane: str) -> tuple[str, str]:
+    try:
+        django_part, driver = lane.split("-", 1)
+        django = f"{django_part[2]}.{django_part[3:]}"
+        DJANGO[django], DRIVERS[driver]
+    except (ValueError, IndexError, KeyError):
+        raise SystemExit(
+            f"unknown lane {lane!r}; lanes are: {', '.join(ALL_LANES)}"
+        ) from None
+    return django, driver
+
+
+def requirements(lane: str, extra: list[str]) -> list[str]:
+    django, driver = parse(lane)
+    return [DJANGO[django], DRIVERS[driver], SQLALCHEMY[django], *COMMON, *extra]
+
+
+def setup(lane: str, extra: list[str] | None = None) -> Path:
+    """Create or update the lane's virtualenv; return its python."""
+    django, _ = parse(lane)
+    reqs = requirements(lane, extra or [])
+    venv = VENVS / lane
+    python = venv / "bin" / "python"
+    stamp = venv / ".requirements"
+    digest = hashlib.sha1("\n".join(reqs).encode()).hexdigest()
+    if python.exists() and stamp.exists() and stamp.read_text() == digest:
+        return python
+    interpreter = find_python(PYTHON[django])
+    if not python.exists():
+        subprocess.run([uv(), "venv", "-q", "--python", interpreter, str(venv)], check=True)
+    subprocess.run([uv(), "pip", "install", "-q", "--python", str(python), *reqs], check=True)
+    stamp.write_text(digest)
+    return python
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in {"python", "list"}:
+        print(__doc__, file=sys.stderr)
+        return 2
+    if argv[0] == "list":
+        print(" ".join(ALL_LANES))
+        return 0
+    lane, extra = argv[1], argv[2:]
+    print(setup(lane, extra))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
