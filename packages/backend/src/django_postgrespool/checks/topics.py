@@ -1,8 +1,17 @@
-"""The list of check functions, (function, tags) each; modules add theirs here."""
+"""Every check of the package, as (function, tags); one module per topic.
+
+A topic module defines ``CHECKS: list[tuple[Callable, tuple[str, ...]]]`` and
+is listed here.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
-ALL: list[tuple[Callable[..., list[Any]], tuple[str, ...]]] = []
+# Topic modules, one import line each:
+# from django_postgrespool.checks import budget, south
+
+ALL: list[tuple[Callable[..., list[Any]], tuple[str, ...]]] = [
+    # *budget.CHECKS,
+]

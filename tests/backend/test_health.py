@@ -1,0 +1,99 @@
+"""Dead connections are found and replaced, never handed out again."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from django.db import OperationalError, connections
+
+from django_postgrespool import pool_stats
+from tests.support.requests import backend_pid, run_request
+
+
+@pytest.mark.parametrize("pre_ping", ["socket", True])
+def test_terminated_backend_is_replaced_without_a_failed_request(pooled_alias, monitor, pre_ping):
+    alias, app = pooled_alias(pool_options={"pre_ping": pre_ping})
+    first = backend_pid(alias)
+    assert monitor.terminate(app) == 1
+    time.sleep(0.05)  # let the server close the socket
+    second = backend_pid(alias)
+    assert second != first
+    (stats,) = pool_stats(alias)
+    assert stats["invalidated"] == 1
+    assert monitor.pids(app) == [second]
+
+
+def test_terminated_backend_without_health_check_fails_one_request_then_is_replaced(
+    pooled_alias, monitor
+):
+    alias, app = pooled_alias(pool_options={"pre_ping": False})
+    first = backend_pid(alias)
+    monitor.terminate(app)
+    time.sleep(0.05)
+    with pytest.raises(OperationalError):
+        backend_pid(alias)
+    second = backend_pid(alias)
+    assert second != first
+    (stats,) = pool_stats(alias)
+    assert stats["checked_out"] == 0
+    assert stats["invalidated"] == 1
+
+
+def test_after_a_lost_connection_older_ones_are_pinged_not_handed_out_to_fail(
+    pooled_alias, monitor
+):
+    # No health check at all: the first dead one fails its request; the
+    # others, older than it, are verified before anyone gets them.
+    alias, app = pooled_alias(pool_options={"pre_ping": False, "pool_size": 3})
+    import threading
+
+    barrier = threading.Barrier(3)
+
+    def hold(cursor):
+        cursor.execute("SELECT 1")
+        barrier.wait(timeout=10)
+
+    threads = [threading.Thread(target=run_request, args=(alias, hold)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert monitor.count(app) == 3
+    monitor.terminate(app)
+    time.sleep(0.05)
+    failures = 0
+    for _ in range(4):
+        try:
+            backend_pid(alias)
+        except OperationalError:
+            failures += 1
+    assert failures == 1
+    (stats,) = pool_stats(alias)
+    assert stats["invalidated"] == 3
+    assert stats["checked_out"] == 0
+
+
+def test_broken_connection_is_discarded_at_checkin(pooled_alias, monitor):
+    alias, app = pooled_alias(pool_options={"pre_ping": False})
+
+    def die(cursor):
+        cursor.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+
+    with pytest.raises(OperationalError):
+        run_request(alias, die)
+    (stats,) = pool_stats(alias)
+    assert stats["invalidated"] == 1
+    assert stats["size"] == 0
+    assert backend_pid(alias) > 0
+
+
+def test_recycle_replaces_old_connections(pooled_alias):
+    alias, _ = pooled_alias(pool_options={"recycle": 1})
+    first = backend_pid(alias)
+    assert backend_pid(alias) == first
+    time.sleep(2.1)
+    assert backend_pid(alias) != first
+    (stats,) = pool_stats(alias)
+    assert stats["recycled"] == 1
+    assert stats["invalidated"] == 0

@@ -1,0 +1,27 @@
+"""Drive Django's request cycle in-process, the way its handlers do."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from django.core.signals import request_finished, request_started
+from django.db import connections
+
+
+def run_request(alias: str, body: Callable[[Any], Any] | None = None) -> Any:
+    """Run one request: request_started, ``body(cursor)`` (default: the backend pid), request_finished."""
+    request_started.send(sender=None)
+    try:
+        with connections[alias].cursor() as cursor:
+            if body is None:
+                cursor.execute("SELECT pg_backend_pid()")
+                return cursor.fetchone()[0]
+            return body(cursor)
+    finally:
+        request_finished.send(sender=None)
+
+
+def backend_pid(alias: str) -> int:
+    """Return the backend pid of one request on ``alias``."""
+    return run_request(alias)
