@@ -62,7 +62,7 @@ def test_close_pool_closes_idle_connections_and_next_checkout_builds_a_new_pool(
     first = backend_pid(alias)
     connections[alias].close_pool()
     assert pool_stats(alias) == []
-    assert monitor.count(app) == 0
+    assert monitor.settled_count(app, 0) == 0
     assert backend_pid(alias) != first
 
 
@@ -72,6 +72,6 @@ def test_connection_checked_out_when_its_pool_is_closed_is_closed_at_checkin(
     alias, app = pooled_alias(CONN_MAX_AGE=None)
     backend_pid(alias)
     assert close_pools(alias=alias) == 1
-    assert monitor.count(app) == 1  # still in use by this thread
+    assert monitor.settled_count(app, 1) == 1  # still in use by this thread
     connections[alias].close()
-    assert monitor.count(app) == 0
+    assert monitor.settled_count(app, 0) == 0

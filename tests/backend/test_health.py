@@ -21,6 +21,7 @@ def test_terminated_backend_is_replaced_without_a_failed_request(pooled_alias, m
     assert second != first
     (stats,) = pool_stats(alias)
     assert stats["invalidated"] == 1
+    assert monitor.settled_count(app, 1) == 1
     assert monitor.pids(app) == [second]
 
 
@@ -59,7 +60,7 @@ def test_after_a_lost_connection_older_ones_are_pinged_not_handed_out_to_fail(
         t.start()
     for t in threads:
         t.join()
-    assert monitor.count(app) == 3
+    assert monitor.settled_count(app, 3) == 3
     monitor.terminate(app)
     time.sleep(0.05)
     failures = 0

@@ -15,7 +15,7 @@ def test_next_request_gets_the_same_backend(pooled_alias, monitor):
     alias, app = pooled_alias()
     pids = {backend_pid(alias) for _ in range(5)}
     assert len(pids) == 1
-    assert monitor.count(app) == 1  # returned to the pool, still open
+    assert monitor.settled_count(app, 1) == 1  # returned to the pool, still open
 
 
 def test_connection_stays_open_idle_in_the_pool_after_the_request(pooled_alias, monitor):
@@ -45,7 +45,7 @@ def test_two_threads_at_once_use_two_backends_then_share_them(pooled_alias, moni
         t.join()
     assert len(set(pids)) == 2
     assert backend_pid(alias) in pids
-    assert monitor.count(app) == 2
+    assert monitor.settled_count(app, 2) == 2
 
 
 def test_64_threads_never_exceed_the_cap_and_never_fail(pooled_alias, monitor):
@@ -107,7 +107,7 @@ def test_overflow_connections_close_when_returned_to_a_full_pool(pooled_alias, m
     (stats,) = pool_stats(alias)
     assert stats["opened"] == 3
     assert stats["size"] == 1
-    assert monitor.count(app) == 1
+    assert monitor.settled_count(app, 1) == 1
 
 
 def test_session_setup_runs_once_per_physical_connection(pooled_alias, monitor):

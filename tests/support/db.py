@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -52,6 +53,19 @@ class Monitor:
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
             (application_name,),
         )[0][0]
+
+    def settled_count(self, application_name: str, expected: int, timeout: float = 5.0) -> int:
+        """Return the session count once it equals ``expected`` (or after ``timeout``).
+
+        A closed connection's backend leaves pg_stat_activity a moment after
+        the client hung up.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            count = self.count(application_name)
+            if count == expected or time.monotonic() > deadline:
+                return count
+            time.sleep(0.02)
 
     def pids(self, application_name: str) -> list[int]:
         return [

@@ -26,11 +26,6 @@ from django_postgrespool.pool import _CONFIGURED, _ISOLATION, ConnectionPool, Ta
 
 __all__ = ["DatabaseCreation", "DatabaseWrapper", "PooledDatabaseWrapperMixin"]
 
-# Derived from other settings that are part of the key already (USE_TZ,
-# TIME_ZONE, OPTIONS), and not hashable in a stable way.
-_UNKEYED_PARAMS = frozenset({"context", "cursor_factory"})
-
-
 def _freeze(value: Any) -> Hashable:
     if isinstance(value, dict):
         return tuple(sorted((str(k), _freeze(v)) for k, v in value.items()))
@@ -39,6 +34,10 @@ def _freeze(value: Any) -> Hashable:
     if isinstance(value, (str, int, float, bool, type(None), bytes)):
         return value
     return repr(value)
+
+
+def _copy(value: Any) -> Any:
+    return dict(value) if isinstance(value, dict) else value
 
 
 class DatabaseCreation(PostgreSQLCreation):
@@ -64,6 +63,7 @@ class PooledDatabaseWrapperMixin:
     creation_class = DatabaseCreation
     _pool_connection: PoolProxiedConnection | None = None
     _pool: ConnectionPool | None = None
+    _options_key: tuple[Any, Any, Hashable] | None = None
 
     # Django's own pool (OPTIONS['pool'], Django >= 5.1) is never used.
     pool = None
@@ -75,11 +75,17 @@ class PooledDatabaseWrapperMixin:
         return params
 
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
-        pool = registry.get_pool(self._pool_key(conn_params), self._build_pool)
+        pool = registry.get_pool(self._pool_key(), self._build_pool)
         conn = pool.checkout(self, conn_params)
         self._pool, self._pool_connection = pool, conn
         self.isolation_level = conn.info[_ISOLATION]
         return conn.dbapi_connection
+
+    def _set_autocommit(self, autocommit: bool) -> None:
+        # Checkin already restored the AUTOCOMMIT setting; don't pay the
+        # driver's setter (a generator round in psycopg 3) at every checkout.
+        if self.connection.autocommit != autocommit:  # type: ignore[attr-defined]
+            super()._set_autocommit(autocommit)  # type: ignore[misc]
 
     def _create_physical_connection(self, conn_params: dict[str, Any]) -> Any:
         """Open a new physical connection the way Django would without a pool."""
@@ -127,14 +133,24 @@ class PooledDatabaseWrapperMixin:
 
     # -- pools ------------------------------------------------------------
 
-    def _pool_key(self, conn_params: dict[str, Any]) -> Hashable:
-        settings_dict = self.settings_dict  # type: ignore[attr-defined]
+    def _pool_key(self) -> Hashable:
+        # Everything a physical connection depends on; conn_params derive
+        # from these. OPTIONS is frozen again only when it changed.
+        sd = self.settings_dict  # type: ignore[attr-defined]
+        options, pool_options = sd["OPTIONS"], sd.get("POOL_OPTIONS")
+        cached = self._options_key
+        if cached is None or cached[0] != options or cached[1] != pool_options:
+            frozen = (_freeze(options), _freeze(pool_options))
+            cached = self._options_key = (dict(options), _copy(pool_options), frozen)
         return (
+            type(self),
             self.alias,  # type: ignore[attr-defined]
-            type(self).__qualname__,
-            _freeze({k: v for k, v in conn_params.items() if k not in _UNKEYED_PARAMS}),
-            _freeze(settings_dict["OPTIONS"]),
-            _freeze(settings_dict.get("POOL_OPTIONS")),
+            sd["NAME"],
+            sd["USER"],
+            sd["PASSWORD"],
+            sd["HOST"],
+            sd["PORT"],
+            cached[2],
             self.timezone_name,  # type: ignore[attr-defined]
             settings.USE_TZ,
         )
