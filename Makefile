@@ -23,8 +23,12 @@ lane_python = $$($(PYTHON) tests/support/lanes.py python $(1))
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
+.PHONY: system-deps
+system-deps: ## Install the Debian packages the suites use (PostGIS, PgBouncer, wrk) when root
+	@bash tests/support/system-deps.sh
+
 .PHONY: test
-test: ## Run the test suite (DJANGO=, DRIVER=, or MATRIX=1 for every lane), then the legacy lane
+test: system-deps ## Run the test suite (DJANGO=, DRIVER=, or MATRIX=1 for every lane), then the legacy lane
 	@for lane in $(LANES); do \
 	  echo "==> lane $$lane"; \
 	  py=$(call lane_python,$$lane); \
@@ -37,7 +41,7 @@ test-legacy: ## Run the legacy lane: Python 2.7 + Django 1.6 + South 1.0.2
 	@$(PYTHON) tests/legacy/run.py
 
 .PHONY: test-reliability
-test-reliability: ## Run the reliability and security suite and print its report
+test-reliability: system-deps ## Run the reliability and security suite and print its report
 	@py=$(call lane_python,$(LANE)); \
 	$$py -m pytest tests -p no:cacheprovider -m reliability $(PYTEST_ARGS)
 
@@ -46,7 +50,7 @@ conformance: ## Run Django's own test suite against the pooled engine and the st
 	@$(PYTHON) tests/conformance/run.py $(if $(MATRIX),--all,)
 
 .PHONY: bench
-bench: ## Benchmark against the alternatives (QUICK=1 for a short run)
+bench: system-deps ## Benchmark against the alternatives (QUICK=1 for a short run)
 	@$(PYTHON) bench/run.py $(if $(QUICK),--quick,)
 
 .PHONY: demo
