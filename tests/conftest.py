@@ -68,7 +68,6 @@ def monitor(server_url: str):
 def _close_pools_after_test():
     yield
     from django.db import connections
-
     from django_postgrespool import close_pools
 
     for conn in connections.all(initialized_only=True):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 
 from django.db import connections
-
 from django_postgrespool import close_pools, pool_stats
+
 from tests.support.requests import backend_pid
 
 
@@ -66,9 +66,7 @@ def test_close_pool_closes_idle_connections_and_next_checkout_builds_a_new_pool(
     assert backend_pid(alias) != first
 
 
-def test_connection_checked_out_when_its_pool_is_closed_is_closed_at_checkin(
-    pooled_alias, monitor
-):
+def test_connection_checked_out_when_its_pool_is_closed_is_closed_at_checkin(pooled_alias, monitor):
     alias, app = pooled_alias(CONN_MAX_AGE=None)
     backend_pid(alias)
     assert close_pools(alias=alias) == 1

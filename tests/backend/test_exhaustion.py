@@ -7,8 +7,8 @@ import time
 
 import pytest
 from django.db import OperationalError, connections
-
 from django_postgrespool import PoolTimeout, pool_stats
+
 from tests.support.requests import run_request
 
 

@@ -7,8 +7,8 @@ import json
 import os
 
 from django.db import connections
-
 from django_postgrespool import registry
+
 from tests.support.requests import backend_pid, run_request
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 import pytest
-from django.db import OperationalError, connections
-
+from django.db import OperationalError
 from django_postgrespool import pool_stats
+
 from tests.support.requests import backend_pid, run_request
 
 

@@ -6,9 +6,9 @@ import pytest
 from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
 from django.test import override_settings
-
 from django_postgrespool import PoolOptions, normalize_pool_options, pool_stats
 from django_postgrespool.options import resolve_pool_options
+
 from tests.support.requests import backend_pid, run_request
 
 VALID = "Valid options: max_overflow, pool_size, pre_ping, recycle, reset, timeout, use_lifo."
@@ -20,22 +20,51 @@ SRC = "DATABASES['pooled']['POOL_OPTIONS']"
     [
         ({"pool_size": -1}, f"{SRC}: pool option 'pool_size' must be an integer >= 1; got -1."),
         ({"pool_size": 0}, f"{SRC}: pool option 'pool_size' must be an integer >= 1; got 0."),
-        ({"pool_size": "five"}, f"{SRC}: pool option 'pool_size' must be an integer >= 1; got 'five'."),
+        (
+            {"pool_size": "five"},
+            f"{SRC}: pool option 'pool_size' must be an integer >= 1; got 'five'.",
+        ),
         ({"pool_size": 2.5}, f"{SRC}: pool option 'pool_size' must be an integer >= 1; got 2.5."),
         ({"pool_size": True}, f"{SRC}: pool option 'pool_size' must be an integer >= 1; got True."),
-        ({"max_overflow": -1}, f"{SRC}: pool option 'max_overflow' must be an integer >= 0; got -1."),
+        (
+            {"max_overflow": -1},
+            f"{SRC}: pool option 'max_overflow' must be an integer >= 0; got -1.",
+        ),
         ({"timeout": 0}, f"{SRC}: pool option 'timeout' must be a number of seconds > 0; got 0."),
-        ({"timeout": "soon"}, f"{SRC}: pool option 'timeout' must be a number of seconds > 0; got 'soon'."),
-        ({"timeout": float("inf")}, f"{SRC}: pool option 'timeout' must be a number of seconds > 0; got inf."),
-        ({"recycle": 0}, f"{SRC}: pool option 'recycle' must be a number of seconds > 0, or None (never recycle); got 0."),
-        ({"pre_ping": "sometimes"}, f"{SRC}: pool option 'pre_ping' must be one of True, False or 'socket'; got 'sometimes'."),
-        ({"use_lifo": "maybe"}, f"{SRC}: pool option 'use_lifo' must be a boolean (True/False, 'true'/'false', 1/0); got 'maybe'."),
-        ({"reset": "all"}, f"{SRC}: pool option 'reset' must be one of 'rollback' or 'discard'; got 'all'."),
-        ({"poolsize": 5}, f"{SRC}: unknown pool option 'poolsize' (did you mean 'pool_size'?). {VALID}"),
+        (
+            {"timeout": "soon"},
+            f"{SRC}: pool option 'timeout' must be a number of seconds > 0; got 'soon'.",
+        ),
+        (
+            {"timeout": float("inf")},
+            f"{SRC}: pool option 'timeout' must be a number of seconds > 0; got inf.",
+        ),
+        (
+            {"recycle": 0},
+            f"{SRC}: pool option 'recycle' must be a number of seconds > 0, or None (never recycle); got 0.",
+        ),
+        (
+            {"pre_ping": "sometimes"},
+            f"{SRC}: pool option 'pre_ping' must be one of True, False or 'socket'; got 'sometimes'.",
+        ),
+        (
+            {"use_lifo": "maybe"},
+            f"{SRC}: pool option 'use_lifo' must be a boolean (True/False, 'true'/'false', 1/0); got 'maybe'.",
+        ),
+        (
+            {"reset": "all"},
+            f"{SRC}: pool option 'reset' must be one of 'rollback' or 'discard'; got 'all'.",
+        ),
+        (
+            {"poolsize": 5},
+            f"{SRC}: unknown pool option 'poolsize' (did you mean 'pool_size'?). {VALID}",
+        ),
         ({"max_connections": 5}, f"{SRC}: unknown pool option 'max_connections'. {VALID}"),
     ],
 )
-def test_bad_pool_option_fails_at_first_connection_with_exact_message(pooled_alias, options, message):
+def test_bad_pool_option_fails_at_first_connection_with_exact_message(
+    pooled_alias, options, message
+):
     alias, _ = pooled_alias("pooled", pool_options=options)  # registering connects nothing
     with pytest.raises(ImproperlyConfigured) as raised:
         connections[alias].ensure_connection()
@@ -84,7 +113,9 @@ def test_per_alias_options_win_over_options_which_win_over_global_args():
         "OPTIONS": {"pool_size": "3", "timeout": "7", "sslmode": "prefer"},
         "POOL_OPTIONS": {"pool_size": 4},
     }
-    got = resolve_pool_options("a", settings_dict, {"pool_size": 2, "max_overflow": 1, "timeout": 9})
+    got = resolve_pool_options(
+        "a", settings_dict, {"pool_size": 2, "max_overflow": 1, "timeout": 9}
+    )
     assert got == PoolOptions(pool_size=4, max_overflow=1, timeout=7.0)
 
 
@@ -146,7 +177,10 @@ def test_changed_database_name_gets_its_own_pool(pooled_alias, server_url, monit
         assert run_request(alias, name) == "postgrespool_tests"
         connections[alias].settings_dict["NAME"] = "postgrespool_renamed"
         assert run_request(alias, name) == "postgrespool_renamed"
-        assert {s["database"] for s in pool_stats(alias)} == {"postgrespool_tests", "postgrespool_renamed"}
+        assert {s["database"] for s in pool_stats(alias)} == {
+            "postgrespool_tests",
+            "postgrespool_renamed",
+        }
         connections[alias].settings_dict["USER"] = "pg_nobody_here"
         with pytest.raises(Exception, match="pg_nobody_here"):
             run_request(alias, name)

@@ -6,8 +6,8 @@ import threading
 import time
 
 from django.db import connections, transaction
-
 from django_postgrespool import pool_stats
+
 from tests.support.requests import backend_pid, run_request
 
 
@@ -80,8 +80,10 @@ def test_64_threads_never_exceed_the_cap_and_never_fail(pooled_alias, monitor):
     done.set()
     sampler.join()
     (stats,) = pool_stats(alias)
-    print(f"64 threads x 10 requests: peak server connections {peak}, cap {cap}, "
-          f"peak checked out {stats['peak_checked_out']}, waits {stats['waits']}")
+    print(
+        f"64 threads x 10 requests: peak server connections {peak}, cap {cap}, "
+        f"peak checked out {stats['peak_checked_out']}, waits {stats['waits']}"
+    )
     assert errors == []
     assert 0 < peak <= cap
     assert stats["peak_checked_out"] <= cap
@@ -114,7 +116,9 @@ def test_session_setup_runs_once_per_physical_connection(pooled_alias, monitor):
     # assume_role makes Django run SET ROLE at every new connection; a reused
     # pooled connection must not send it again, nor anything at checkin.
     alias, app = pooled_alias(options={"assume_role": "postgres"})
-    pid = run_request(alias, lambda c: (c.execute("SELECT pg_backend_pid() /* first */"), c.fetchone()[0])[1])
+    pid = run_request(
+        alias, lambda c: (c.execute("SELECT pg_backend_pid() /* first */"), c.fetchone()[0])[1]
+    )
 
     def last_query():
         return monitor.query("SELECT query FROM pg_stat_activity WHERE pid = %s", (pid,))[0][0]
@@ -136,9 +140,20 @@ def test_session_setup_runs_once_per_physical_connection(pooled_alias, monitor):
 
 def test_time_zone_and_role_are_set_on_new_connections(pooled_alias):
     alias, _ = pooled_alias(options={"assume_role": "pg_monitor"}, TIME_ZONE="Asia/Tokyo")
-    zone, role = run_request(alias, lambda c: (c.execute("SHOW TIME ZONE"), c.fetchone()[0], c.execute("SELECT current_role"), c.fetchone()[0])[1::2])
+    zone, role = run_request(
+        alias,
+        lambda c: (
+            c.execute("SHOW TIME ZONE"),
+            c.fetchone()[0],
+            c.execute("SELECT current_role"),
+            c.fetchone()[0],
+        )[1::2],
+    )
     assert (zone, role) == ("Asia/Tokyo", "pg_monitor")
-    again = run_request(alias, lambda c: (c.execute("SELECT current_setting('TimeZone'), current_role"), c.fetchone())[1])
+    again = run_request(
+        alias,
+        lambda c: (c.execute("SELECT current_setting('TimeZone'), current_role"), c.fetchone())[1],
+    )
     assert again == ("Asia/Tokyo", "pg_monitor")
 
 

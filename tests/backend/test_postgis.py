@@ -29,7 +29,9 @@ def postgis_alias(server_url, pooled_alias):
     missing = _postgis_missing(server_url)
     if missing:
         if os.environ.get("CI"):
-            pytest.fail(f"PostGIS is required under CI (apt-get install postgresql-15-postgis-3): {missing}")
+            pytest.fail(
+                f"PostGIS is required under CI (apt-get install postgresql-15-postgis-3): {missing}"
+            )
         pytest.skip(f"PostGIS not installed on this machine: {missing}")
     admin = connect(server_url)
     with admin.cursor() as cur:
@@ -47,7 +49,6 @@ def postgis_alias(server_url, pooled_alias):
 def test_postgis_engine_pools_and_adapts_geometries(postgis_alias, monitor):
     from django.contrib.gis.geos import Point
     from django.db import connections
-
     from django_postgrespool import pool_stats
 
     alias, app = postgis_alias

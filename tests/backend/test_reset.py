@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import pytest
 from django.db import DatabaseError, connections, transaction
-
 from django_postgrespool import pool_stats
+
 from tests.support.requests import run_request
 
 
 @pytest.fixture
 def table(pooled_alias):
     alias, app = pooled_alias(pool_options={"pool_size": 1, "max_overflow": 0})
-    run_request(alias, lambda c: c.execute("CREATE TABLE IF NOT EXISTS borrowers (x int); TRUNCATE borrowers"))
+    run_request(
+        alias,
+        lambda c: c.execute("CREATE TABLE IF NOT EXISTS borrowers (x int); TRUNCATE borrowers"),
+    )
     yield alias
     run_request(alias, lambda c: c.execute("DROP TABLE borrowers"))
 
 
 def count(alias: str) -> int:
-    return run_request(alias, lambda c: (c.execute("SELECT count(*) FROM borrowers"), c.fetchone()[0])[1])
+    return run_request(
+        alias, lambda c: (c.execute("SELECT count(*) FROM borrowers"), c.fetchone()[0])[1]
+    )
 
 
 def test_uncommitted_transaction_is_not_seen_by_next_borrower(table):
@@ -77,14 +82,18 @@ def test_session_set_survives_default_reset_but_not_discard(pooled_alias):
     rollback_alias, _ = pooled_alias("rollback", pool_options={"pool_size": 1})
     discard_alias, _ = pooled_alias("discard", pool_options={"pool_size": 1, "reset": "discard"})
     for alias in (rollback_alias, discard_alias):
-        run_request(alias, lambda c: c.execute("SET application_name = 'changed'; SET work_mem = '7MB'"))
+        run_request(
+            alias, lambda c: c.execute("SET application_name = 'changed'; SET work_mem = '7MB'")
+        )
     show = lambda c: (c.execute("SHOW work_mem"), c.fetchone()[0])[1]  # noqa: E731
     assert run_request(rollback_alias, show) == "7MB"
     assert run_request(discard_alias, show) == "4MB"
 
 
 def test_discard_reset_redoes_session_setup(pooled_alias):
-    alias, _ = pooled_alias(pool_options={"pool_size": 1, "reset": "discard"}, TIME_ZONE="Asia/Tokyo")
+    alias, _ = pooled_alias(
+        pool_options={"pool_size": 1, "reset": "discard"}, TIME_ZONE="Asia/Tokyo"
+    )
     zone = lambda c: (c.execute("SHOW TIME ZONE"), c.fetchone()[0])[1]  # noqa: E731
     pid = run_request(alias)
     assert run_request(alias, zone) == "Asia/Tokyo"

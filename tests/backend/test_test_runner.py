@@ -27,14 +27,20 @@ def run_manage(server_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     }
     return subprocess.run(
         [sys.executable, "manage.py", *args],
-        cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=PROJECT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
 def existing_test_databases(server_url: str) -> list[str]:
     conn = connect(server_url)
     with conn.cursor() as cur:
-        cur.execute("SELECT datname FROM pg_database WHERE datname LIKE 'test_postgrespool_runner%%'")
+        cur.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'test_postgrespool_runner%%'"
+        )
         names = sorted(r[0] for r in cur.fetchall())
     conn.close()
     return names
@@ -59,7 +65,8 @@ def test_django_test_runner_passes_with_pooled_engine(server_url, args):
     if "--keepdb" in args:
         assert "Using existing test database" in output or "Creating test database" in output
         assert existing_test_databases(server_url) == [
-            "test_postgrespool_runner", "test_postgrespool_runner_other"
+            "test_postgrespool_runner",
+            "test_postgrespool_runner_other",
         ]
         again = run_manage(server_url, *args)
         assert again.returncode == 0, again.stdout + again.stderr

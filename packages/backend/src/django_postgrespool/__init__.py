@@ -29,6 +29,7 @@ _LAZY = {
 
 
 def __getattr__(name):
+    # type: (str) -> object
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError("module 'django_postgrespool' has no attribute %r" % (name,))
@@ -38,4 +39,5 @@ def __getattr__(name):
 
 
 def __dir__():
+    # type: () -> list[str]
     return sorted(list(globals()) + list(_LAZY))

@@ -26,6 +26,7 @@ from django_postgrespool.pool import _CONFIGURED, _ISOLATION, ConnectionPool, Ta
 
 __all__ = ["DatabaseCreation", "DatabaseWrapper", "PooledDatabaseWrapperMixin"]
 
+
 def _freeze(value: Any) -> Hashable:
     if isinstance(value, dict):
         return tuple(sorted((str(k), _freeze(v)) for k, v in value.items()))
@@ -49,12 +50,12 @@ class DatabaseCreation(PostgreSQLCreation):
     def _clone_test_db(self, suffix: str, verbosity: int, keepdb: bool = False) -> None:
         self.connection.close()
         registry.close_pools(database=self.connection.settings_dict["NAME"])
-        super()._clone_test_db(suffix, verbosity, keepdb)
+        super()._clone_test_db(suffix, verbosity, keepdb)  # type: ignore[misc]
 
     def _destroy_test_db(self, test_database_name: str, verbosity: int) -> None:
         self.connection.close()
         registry.close_pools(database=test_database_name)
-        super()._destroy_test_db(test_database_name, verbosity)
+        super()._destroy_test_db(test_database_name, verbosity)  # type: ignore[misc]
 
 
 class PooledDatabaseWrapperMixin:
@@ -127,9 +128,9 @@ class PooledDatabaseWrapperMixin:
         self.in_atomic_block = False
         self.closed_in_transaction = False
         self.needs_rollback = False
-        self.savepoint_ids = []
-        self.atomic_blocks = []
-        self.run_on_commit = []
+        self.savepoint_ids: list[str] = []
+        self.atomic_blocks: list[Any] = []
+        self.run_on_commit: list[Any] = []
 
     # -- pools ------------------------------------------------------------
 
@@ -177,7 +178,9 @@ class PooledDatabaseWrapperMixin:
         return ConnectionPool(alias, options, target)
 
 
-class DatabaseWrapper(PooledDatabaseWrapperMixin, postgresql_base.DatabaseWrapper):
+class DatabaseWrapper(  # type: ignore[misc]
+    PooledDatabaseWrapperMixin, postgresql_base.DatabaseWrapper
+):
     """PostgreSQL, with connections borrowed from a pool."""
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.db.utils import OperationalError
 
 __all__ = ["PoolError", "PoolTimeout"]
@@ -43,7 +45,7 @@ class PoolTimeout(PoolError):
             f"server's max_connections allows it (README.rst, 'Sizing the pool')."
         )
 
-    def __reduce__(self):  # type: ignore[override]
+    def __reduce__(self) -> tuple[Any, ...]:
         # Keep the error picklable (Django's parallel test runner pickles errors).
         return (
             _rebuild_timeout,

@@ -22,7 +22,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
@@ -122,7 +122,7 @@ class ConnectionPool:
         self._opened = self._closed_count = self._recycled = self._invalidated = 0
         self._checkouts = self._waits = self._timeouts = self._peak = 0
         self._queue = QueuePool(
-            self._create,
+            cast(Any, self._create),
             pool_size=options.pool_size,
             max_overflow=options.max_overflow,
             timeout=options.timeout,

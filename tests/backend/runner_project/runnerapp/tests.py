@@ -2,8 +2,8 @@ import threading
 
 from django.db import IntegrityError, connection, connections, transaction
 from django.test import TestCase, TransactionTestCase
-
 from django_postgrespool import pool_stats
+
 from runnerapp.models import Note
 
 
