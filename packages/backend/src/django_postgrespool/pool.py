@@ -49,6 +49,8 @@ _CONFIGURED = "django_postgrespool.configured"
 _ISOLATION = "django_postgrespool.isolation_level"
 _DISCARDED = "django_postgrespool.discarded"
 
+WAIT_WARNING_INTERVAL = 10.0
+
 
 class Target(TypedDict):
     """Where a pool connects to; never holds the password."""
@@ -121,6 +123,8 @@ class ConnectionPool:
         self._counts_lock = threading.Lock()
         self._opened = self._closed_count = self._recycled = self._invalidated = 0
         self._checkouts = self._waits = self._timeouts = self._peak = 0
+        self._last_wait_warning = float("-inf")
+        self._waits_warned = 0
         self._queue = QueuePool(
             cast(Any, self._create),
             pool_size=options.pool_size,
@@ -178,14 +182,7 @@ class ConnectionPool:
         """Return a checked-out connection, creating one through ``wrapper`` if needed."""
         queue = self._queue
         if queue.checkedout() >= self._cap:
-            self._waits += 1
-            logger.warning(
-                "Pool of database alias %r has all %d connections checked out; "
-                "waiting up to %gs for one to be returned.",
-                self.alias,
-                self._cap,
-                self.options.timeout,
-            )
+            self._note_wait()
         _asking.wrapper, _asking.params = wrapper, params
         try:
             # Bounded: a failed health check marks every older connection as
@@ -215,6 +212,23 @@ class ConnectionPool:
             raise PoolError(f"{self!r} could not find a live connection.")
         finally:
             _asking.wrapper = _asking.params = None
+
+    def _note_wait(self) -> None:
+        self._waits += 1
+        now = time.monotonic()
+        # Under sustained load every checkout may wait: warn at most every
+        # WAIT_WARNING_INTERVAL seconds, with the count since the last warning.
+        if now - self._last_wait_warning >= WAIT_WARNING_INTERVAL:
+            waits = self._waits - self._waits_warned
+            self._last_wait_warning, self._waits_warned = now, self._waits
+            logger.warning(
+                "Pool of database alias %r has all %d connections checked out; "
+                "waiting up to %gs for one to be returned (%d wait(s) since the last warning).",
+                self.alias,
+                self._cap,
+                self.options.timeout,
+                waits,
+            )
 
     def _is_alive(self, conn: PoolProxiedConnection, info: dict[str, Any]) -> bool:
         mode = self._pre_ping
