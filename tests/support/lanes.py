@@ -27,14 +27,21 @@ DJANGO = {"4.2": "Django>=4.2,<4.3", "5.2": "Django>=5.2,<5.3", "6.1": "Django>=
 PYTHON = {"4.2": "3.11", "5.2": "3.11", "6.1": "3.12"}
 DRIVERS = {"psycopg": "psycopg[binary]>=3.1.8", "psycopg2": "psycopg2-binary>=2.9"}
 # Both SQLAlchemy series the backend supports, spread over the lanes.
-SQLALCHEMY = {"4.2": "SQLAlchemy>=2.0,<2.1", "5.2": "SQLAlchemy>=2.1,<2.2", "6.1": "SQLAlchemy>=2.1,<2.2"}
+SQLALCHEMY = {
+    "4.2": "SQLAlchemy>=2.0,<2.1",
+    "5.2": "SQLAlchemy>=2.1,<2.2",
+    "6.1": "SQLAlchemy>=2.1,<2.2",
+}
 COMMON = [
     "pytest>=8",
     "dj-database-url>=3.0",
     "gunicorn>=22",
-    "-e", str(ROOT / "packages" / "backend"),
-    "-e", str(ROOT / "packages" / "dburl"),
-    "-e", str(ROOT / "packages" / "south_adapter"),
+    "-e",
+    str(ROOT / "packages" / "backend"),
+    "-e",
+    str(ROOT / "packages" / "dburl"),
+    "-e",
+    str(ROOT / "packages" / "south_adapter"),
 ]
 ALL_LANES = [f"dj{d.replace('.', '')}-{drv}" for d in DJANGO for drv in ("psycopg2", "psycopg")]
 
@@ -50,7 +57,9 @@ def find_python(version: str) -> str:
         out = subprocess.run([with_pyenv, "root"], capture_output=True, text=True)
         if out.returncode == 0:
             pyenv_root = out.stdout.strip()
-    candidates += sorted(glob.glob(f"{pyenv_root}/versions/{version}*/bin/python{version}"), reverse=True)
+    candidates += sorted(
+        glob.glob(f"{pyenv_root}/versions/{version}*/bin/python{version}"), reverse=True
+    )
     for path in candidates:
         if version.startswith("3"):
             ok = subprocess.run([path, "-c", "import venv"], capture_output=True).returncode == 0
@@ -88,15 +97,19 @@ def parse(lane: str) -> tuple[str, str]:
         django = f"{django_part[2]}.{django_part[3:]}"
         DJANGO[django], DRIVERS[driver]
     except (ValueError, IndexError, KeyError):
-        raise SystemExit(
-            f"unknown lane {lane!r}; lanes are: {', '.join(ALL_LANES)}"
-        ) from None
+        raise SystemExit(f"unknown lane {lane!r}; lanes are: {', '.join(ALL_LANES)}") from None
     return django, driver
 
 
 def requirements(lane: str, extra: list[str]) -> list[str]:
     django, driver = parse(lane)
-    return [DJANGO[django], DRIVERS[driver], SQLALCHEMY[django], *COMMON, *extra]
+    reqs = [DJANGO[django], DRIVERS[driver], SQLALCHEMY[django], *COMMON, *extra]
+    sys.path.insert(0, str(ROOT))
+    from tests.support.pgcluster import find_bindir
+
+    if find_bindir() is None:  # no PostgreSQL on this machine: use pgserver's
+        reqs.append("pgserver")
+    return reqs
 
 
 def setup(lane: str, extra: list[str] | None = None) -> Path:

@@ -51,12 +51,27 @@ def find_bindir() -> str | None:
         out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=True)
         candidates.append(out.stdout.strip())
     candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
+    # No system server: the binaries shipped in the pgserver package (PyPI).
+    with contextlib.suppress(ImportError):
+        from pgserver._commands import POSTGRES_BIN_PATH
+
+        candidates.append(str(POSTGRES_BIN_PATH))
     for path in candidates:
         if os.path.exists(os.path.join(path, "initdb")) and os.path.exists(
             os.path.join(path, "pg_ctl")
         ):
             return path
     return None
+
+
+def server_user() -> str:
+    """Return the system user that runs the server when we are root (created if needed)."""
+    for name in ("postgres", "pgserver"):
+        with contextlib.suppress(KeyError):
+            pwd.getpwnam(name)
+            return name
+    subprocess.run(["useradd", "--system", "--no-create-home", "pgserver"], check=True)
+    return "pgserver"
 
 
 def free_port() -> int:
@@ -80,7 +95,7 @@ def _reachable_by_postgres(path: Path) -> bool:
     if not _as_root():
         return True
     probe = subprocess.run(
-        ["runuser", "-u", "postgres", "--", "test", "-x", str(path)], capture_output=True
+        ["runuser", "-u", server_user(), "--", "test", "-x", str(path)], capture_output=True
     )
     return probe.returncode == 0
 
@@ -88,7 +103,9 @@ def _reachable_by_postgres(path: Path) -> bool:
 class Cluster:
     """One PostgreSQL server in a data folder of its own."""
 
-    def __init__(self, data: Path | None = None, port: int | None = None) -> None:
+    def __init__(
+        self, data: Path | None = None, port: int | None = None, *, ssl: bool = False
+    ) -> None:
         self.bindir = find_bindir()
         if self.bindir is None:
             raise RuntimeError("no PostgreSQL server binaries (initdb, pg_ctl) found")
@@ -111,13 +128,17 @@ class Cluster:
         self.user = SUPERUSER
         self.password = PASSWORD
         self.extra_settings: dict[str, str] = {}
+        self.ssl = ssl
+        # With ssl=True: the self-signed certificate, also the root clients trust
+        # (sslrootcert=...); its subjectAltName is 127.0.0.1, so verify-full works.
+        self.ssl_root_cert = self.root / "server.crt"
 
     # -- running commands -------------------------------------------------
 
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         cmd = list(args)
         if _as_root():
-            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+            cmd = ["runuser", "-u", server_user(), "--", *cmd]
         return subprocess.run(cmd, capture_output=True, text=True, check=check)
 
     def _bin(self, name: str) -> str:
@@ -126,7 +147,7 @@ class Cluster:
 
     def _chown(self, path: Path) -> None:
         if _as_root():
-            pw = pwd.getpwnam("postgres")
+            pw = pwd.getpwnam(server_user())
             os.chown(path, pw.pw_uid, pw.pw_gid)
 
     # -- life cycle -------------------------------------------------------
@@ -146,15 +167,36 @@ class Cluster:
         self._chown(pwfile)
         self._run(
             self._bin("initdb"),
-            "-D", str(self.data),
-            "-U", self.user,
+            "-D",
+            str(self.data),
+            "-U",
+            self.user,
             f"--pwfile={pwfile}",
             "--auth-host=scram-sha-256",
             "--auth-local=trust",
-            "-E", "UTF8",
+            "-E",
+            "UTF8",
             "--no-sync",
         )
         pwfile.unlink()
+
+    def _write_certificate(self) -> None:
+        """Write a self-signed server.crt/server.key (once) and turn ssl on."""
+        crt, key = self.root / "server.crt", self.root / "server.key"
+        if not crt.exists():
+            subprocess.run(
+                [
+                    "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(crt),
+                ],
+                capture_output=True, check=True,
+            )
+            os.chmod(key, 0o600)
+            os.chmod(crt, 0o644)
+            self._chown(key)
+            self._chown(crt)
+        self.extra_settings.update(ssl="on", ssl_cert_file=str(crt), ssl_key_file=str(key))
 
     def options(self) -> str:
         settings = {
@@ -168,9 +210,20 @@ class Cluster:
     def start(self) -> None:
         """Start the server and wait until it accepts connections."""
         self.init()
+        if self.ssl:
+            self._write_certificate()
         self._run(
-            self._bin("pg_ctl"), "-D", str(self.data), "-l", str(self.log),
-            "-o", self.options(), "-w", "-t", "60", "start",
+            self._bin("pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.log),
+            "-o",
+            self.options(),
+            "-w",
+            "-t",
+            "60",
+            "start",
         )
 
     def stop(self, mode: str = "fast") -> None:
@@ -180,8 +233,19 @@ class Cluster:
     def restart(self, mode: str = "fast") -> None:
         """Restart the server (mode: fast or immediate); return when it accepts connections."""
         self._run(
-            self._bin("pg_ctl"), "-D", str(self.data), "-l", str(self.log),
-            "-o", self.options(), "-m", mode, "-w", "-t", "60", "restart",
+            self._bin("pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.log),
+            "-o",
+            self.options(),
+            "-m",
+            mode,
+            "-w",
+            "-t",
+            "60",
+            "restart",
         )
 
     def destroy(self) -> None:
@@ -200,9 +264,22 @@ class Cluster:
     def psql(self, sql: str, database: str = "postgres") -> str:
         """Run ``sql`` as the superuser over the unix socket; return its output."""
         out = self._run(
-            self._bin("psql"), "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1",
-            "-h", str(self.socket_dir), "-p", str(self.port), "-U", self.user,
-            "-d", database, "-c", sql,
+            self._bin("psql"),
+            "-X",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            str(self.socket_dir),
+            "-p",
+            str(self.port),
+            "-U",
+            self.user,
+            "-d",
+            database,
+            "-c",
+            sql,
         )
         return out.stdout.strip()
 
@@ -224,7 +301,9 @@ def serve(data: Path, port: int | None, database: str, env_file: Path | None) ->
     url = cluster.url(database)
     if env_file:
         env_file.write_text(url + "\n")
-    print(f"PostgreSQL is serving on {cluster.host}:{cluster.port} (data: {cluster.data})", flush=True)
+    print(
+        f"PostgreSQL is serving on {cluster.host}:{cluster.port} (data: {cluster.data})", flush=True
+    )
     stop = False
 
     def _stop(*_: object) -> None:
