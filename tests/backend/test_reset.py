@@ -99,3 +99,25 @@ def test_discard_reset_redoes_session_setup(pooled_alias):
     assert run_request(alias, zone) == "Asia/Tokyo"
     assert run_request(alias, zone) == "Asia/Tokyo"
     assert run_request(alias) == pid
+
+
+def test_connection_of_a_thread_that_ended_without_closing_is_rolled_back(table):
+    import gc
+    import threading
+
+    def abandon():
+        connections[table].set_autocommit(False)
+        with connections[table].cursor() as cursor:
+            cursor.execute("INSERT INTO borrowers VALUES (1)")
+        # the thread ends: its wrapper, and the checked-out connection with
+        # it, are garbage-collected without close()
+
+    worker = threading.Thread(target=abandon)
+    worker.start()
+    worker.join()
+    del worker
+    gc.collect()
+    (stats,) = pool_stats(table)
+    assert stats["checked_out"] == 0
+    assert count(table) == 0
+    assert pool_stats(table)[0]["invalidated"] == 0

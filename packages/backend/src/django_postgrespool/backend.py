@@ -115,7 +115,7 @@ class PooledDatabaseWrapperMixin:
             pool.discard(conn, "it was closed inside an atomic block")
             return
         with self.wrap_database_errors:  # type: ignore[attr-defined]
-            pool.checkin(conn, autocommit=self.settings_dict["AUTOCOMMIT"])  # type: ignore[attr-defined]
+            pool.checkin(conn)
 
     def close_pool(self) -> None:
         """Close every pool of this alias in this process (Django >= 5.1 API)."""
@@ -151,6 +151,7 @@ class PooledDatabaseWrapperMixin:
             sd["PASSWORD"],
             sd["HOST"],
             sd["PORT"],
+            sd["AUTOCOMMIT"],
             cached[2],
             self.timezone_name,  # type: ignore[attr-defined]
             settings.USE_TZ,
@@ -175,7 +176,7 @@ class PooledDatabaseWrapperMixin:
             port=str(settings_dict["PORT"] or "5432"),
             user=str(settings_dict["USER"] or "(default)"),
         )
-        return ConnectionPool(alias, options, target)
+        return ConnectionPool(alias, options, target, autocommit=settings_dict["AUTOCOMMIT"])
 
 
 class DatabaseWrapper(  # type: ignore[misc]

@@ -105,8 +105,11 @@ _asking = _Asking()
 class ConnectionPool:
     """One pool of physical connections for one (process, alias, parameters)."""
 
-    def __init__(self, alias: str, options: PoolOptions, target: Target) -> None:
+    def __init__(
+        self, alias: str, options: PoolOptions, target: Target, *, autocommit: bool = True
+    ) -> None:
         self.alias = alias
+        self.autocommit = autocommit
         self.options = options
         self.target = target
         self.pid = os.getpid()
@@ -132,10 +135,11 @@ class ConnectionPool:
             timeout=options.timeout,
             recycle=-1 if options.recycle is None else int(options.recycle),
             use_lifo=options.use_lifo,
-            # Resetting is done here (see checkin), not by SQLAlchemy.
+            # Resetting is done here (see _on_reset), not by SQLAlchemy.
             reset_on_return=None,
         )
         event.listen(self._queue, "close", self._on_close)
+        event.listen(self._queue, "reset", self._on_reset)
 
     def __repr__(self) -> str:
         t = self.target
@@ -248,19 +252,32 @@ class ConnectionPool:
 
     # -- checkin ----------------------------------------------------------
 
-    def checkin(self, conn: PoolProxiedConnection, *, autocommit: bool) -> None:
-        """Reset ``conn`` and return it to the pool, or discard it if it cannot be reused."""
+    def checkin(self, conn: PoolProxiedConnection) -> None:
+        """Return ``conn`` to the pool, or discard it if it cannot be reused."""
         if self.closed:
             self.discard(conn, "its pool was closed", warn=False)
             return
-        problem = self._reset(conn.dbapi_connection, conn.info, autocommit)
-        if problem is None:
-            conn.close()
-        else:
+        problem = self._broken(conn.dbapi_connection)
+        if problem is not None:
             self.discard(conn, problem)
+            return
+        conn.close()  # SQLAlchemy calls _on_reset, then queues the connection
 
-    def _reset(self, raw: Any, info: dict[str, Any], autocommit: bool) -> str | None:
-        """Leave ``raw`` idle, out of any transaction; return why not if it can't be."""
+    def _on_reset(self, raw: Any, record: Any, state: Any) -> None:
+        # Every way back into the queue passes here: checkin above, and a
+        # connection whose borrower was garbage-collected without closing it
+        # (a thread that ended with a connection checked out).
+        if state.terminate_only:  # it is being closed anyway
+            return
+        problem = self._broken(raw) or self._reset(raw, record.info)
+        if problem is not None:
+            self._note_discard(problem)
+            record.info[_DISCARDED] = True
+            # SQLAlchemy invalidates a connection whose reset raised.
+            raise PoolError(f"Connection of database alias {self.alias!r} not reused: {problem}.")
+
+    def _broken(self, raw: Any) -> str | None:
+        """Tell why ``raw`` cannot be reset, if it can't."""
         if raw.closed:
             self._suspect_before = time.monotonic()
             return "the connection to the server was lost"
@@ -270,8 +287,12 @@ class ConnectionPool:
         if status == _UNKNOWN:
             self._suspect_before = time.monotonic()
             return "the connection to the server was lost"
+        return None
+
+    def _reset(self, raw: Any, info: dict[str, Any]) -> str | None:
+        """Leave ``raw`` idle, out of any transaction; return why not if it can't be."""
         try:
-            if status != _IDLE:  # in a transaction, or in a failed one
+            if raw.info.transaction_status != _IDLE:  # in a transaction, or a failed one
                 raw.rollback()
             if self._discard_all:
                 if not raw.autocommit:
@@ -280,8 +301,8 @@ class ConnectionPool:
                     cursor.execute("DISCARD ALL")
                 # DISCARD ALL also reset the session setup (time zone, role).
                 info.pop(_CONFIGURED, None)
-            if raw.autocommit != autocommit:
-                raw.autocommit = autocommit
+            if raw.autocommit != self.autocommit:
+                raw.autocommit = self.autocommit
         except Exception as error:  # any failure means "don't reuse"
             if raw.closed:
                 self._suspect_before = time.monotonic()
@@ -290,12 +311,15 @@ class ConnectionPool:
 
     def discard(self, conn: PoolProxiedConnection, reason: str, *, warn: bool = True) -> None:
         """Close the physical connection of ``conn`` and free its slot."""
+        self._note_discard(reason, warn=warn)
+        conn.info[_DISCARDED] = True
+        conn.invalidate()
+
+    def _note_discard(self, reason: str, *, warn: bool = True) -> None:
         with self._counts_lock:
             self._invalidated += 1
         if warn:
             logger.warning("Discarding a connection of database alias %r: %s.", self.alias, reason)
-        conn.info[_DISCARDED] = True
-        conn.invalidate()
 
     # -- the whole pool ---------------------------------------------------
 
