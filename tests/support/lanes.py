@@ -61,11 +61,9 @@ def find_python(version: str) -> str:
         glob.glob(f"{pyenv_root}/versions/{version}*/bin/python{version}"), reverse=True
     )
     for path in candidates:
-        if version.startswith("3"):
-            ok = subprocess.run([path, "-c", "import venv"], capture_output=True).returncode == 0
-        else:
-            ok = os.access(path, os.X_OK)
-        if ok:
+        # A pyenv shim is on PATH even when that version isn't active: run it.
+        probe = "import venv" if version.startswith("3") else "import sys"
+        if subprocess.run([path, "-c", probe], capture_output=True).returncode == 0:
             return path
     # A newer Python 3 serves too (Django 6.1 also runs on 3.13).
     if version.startswith("3."):
