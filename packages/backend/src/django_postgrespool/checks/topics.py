@@ -11,7 +11,11 @@ from typing import Any
 
 # Topic modules, one import line each:
 # from django_postgrespool.checks import budget, south
+from django_postgrespool.checks import budget, conn_max_age, pgbouncer, south
 
 ALL: list[tuple[Callable[..., list[Any]], tuple[str, ...]]] = [
-    # *budget.CHECKS,
+    *budget.CHECKS,
+    *conn_max_age.CHECKS,
+    *pgbouncer.CHECKS,
+    *south.CHECKS,
 ]

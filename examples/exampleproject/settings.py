@@ -1,0 +1,101 @@
+"""Settings of the example shop: one database URL, served through django-postgrespool.
+
+``DATABASE_URL`` is required (``make demo`` sets it to its embedded server).
+Pool options may ride in its query string (``?pool_size=2&max_overflow=1``),
+which overrides ``DATABASE_POOL_ARGS`` below.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import django_postgrespool_dburl as dburl
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "example-only-not-secret")
+DEBUG = os.environ.get("DJANGO_DEBUG", "1") == "1"
+ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django_postgrespool",  # system checks and `manage.py pgpool`
+    "shop",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "exampleproject.urls"
+WSGI_APPLICATION = "exampleproject.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# The original README's pool settings; every alias starts from these.
+DATABASE_POOL_ARGS = {"pool_size": 5, "max_overflow": 10, "recycle": 300}
+
+# CONN_MAX_AGE = 0: each request gives its connection back to the pool.
+_default = dburl.config(conn_max_age=0)
+_default.setdefault("OPTIONS", {}).setdefault("application_name", "exampleproject")
+DATABASES = {
+    "default": _default,
+    # The same database through a small pool of its own, for the report page:
+    # slow reports cannot starve the shop's pool.
+    "reports": {
+        **_default,
+        "OPTIONS": {**_default["OPTIONS"], "application_name": "exampleproject-reports"},
+        "POOL_OPTIONS": {**_default.get("POOL_OPTIONS", {}), "pool_size": 2, "max_overflow": 1},
+        "TEST": {"MIRROR": "default"},
+    },
+}
+
+# The connection budget check (postgrespool.E001) multiplies each process's
+# pools by the number of processes: POSTGRESPOOL_WORKERS, or when unset the
+# WEB_CONCURRENCY environment variable, or 1. It compares the product with
+# POSTGRESPOOL_MAX_CONNECTIONS (e.g. 20 on a small hosted plan), or, when
+# unset, with the server's max_connections (`manage.py check --database default`).
+# POSTGRESPOOL_WORKERS = 2
+if os.environ.get("POSTGRESPOOL_MAX_CONNECTIONS"):
+    POSTGRESPOOL_MAX_CONNECTIONS = int(os.environ["POSTGRESPOOL_MAX_CONNECTIONS"])
+
+AUTH_PASSWORD_VALIDATORS: list[dict[str, str]] = []
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+STATIC_URL = "static/"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    # The pool warns when it waits for a connection or discards one.
+    "loggers": {"django_postgrespool": {"handlers": ["console"], "level": "WARNING"}},
+}
