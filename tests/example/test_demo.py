@@ -34,7 +34,7 @@ ROOT = EXAMPLES.parent
 
 def quickstart_commands() -> list[str]:
     """Return the shell commands of the README's Quickstart section, in order."""
-    text = (EXAMPLES / "README.rst").read_text()
+    text = (EXAMPLES.parent / "README.rst").read_text()
     section = text.split("Quickstart\n==========\n", 1)[1].split("\n\n\n", 1)[0]
     block = section.split(".. code-block:: console\n\n", 1)[1].split("\n\n", 1)[0]
     return [line.strip()[2:] for line in block.splitlines() if line.strip().startswith("$ ")]
