@@ -13,7 +13,8 @@ README = (ROOT / "README.rst").read_text()
 
 
 def option_table() -> dict[str, str]:
-    rows = re.findall(r"^``([a-z_]+)``\s+``([^`]+)``\s", README, flags=re.MULTILINE)
+    configuration = README.split("\nConfiguration\n=============\n", 1)[1].split("\n=====", 1)[0]
+    rows = re.findall(r"^``([a-z_]+)``\s+``([^`]+)``\s", configuration, flags=re.MULTILINE)
     return dict(rows)
 
 
@@ -30,6 +31,6 @@ def test_readme_documents_every_pool_option_with_its_default():
 
 def test_every_make_command_in_the_readme_is_a_makefile_target():
     targets = set(re.findall(r"^([a-z][\w-]*):", (ROOT / "Makefile").read_text(), re.MULTILINE))
-    used = set(re.findall(r"^\s+make ([a-z][\w-]*)", README, flags=re.MULTILINE))
+    used = set(re.findall(r"^\s+(?:\$ )?make ([a-z][\w-]*)", README, flags=re.MULTILINE))
     assert {"demo", "test"} <= used
     assert used <= targets
