@@ -13,7 +13,7 @@ README = (ROOT / "README.rst").read_text()
 
 
 def option_table() -> dict[str, str]:
-    configuration = README.split("\nConfiguration\n=============\n", 1)[1].split("\n=====", 1)[0]
+    configuration = README.split("\nConfiguration\n=============\n", 1)[1].split("\nDjango's connection settings", 1)[0]
     rows = re.findall(r"^``([a-z_]+)``\s+``([^`]+)``\s", configuration, flags=re.MULTILINE)
     return dict(rows)
 
