@@ -2,6 +2,7 @@
 
     python3 tests/support/lanes.py python LANE     # set the lane up, print its python
     python3 tests/support/lanes.py list            # the lanes CI runs
+    python3 tests/support/lanes.py tool NAME REQ...  # a tool venv, .venv/NAME
 
 A lane is ``dj<major><minor>-<driver>``, e.g. ``dj52-psycopg`` (psycopg 3) or
 ``dj42-psycopg2``. Each lane gets its own virtualenv under ``.venv/`` with one
@@ -128,7 +129,25 @@ def setup(lane: str, extra: list[str] | None = None) -> Path:
     return python
 
 
+def tool(name: str, reqs: list[str]) -> Path:
+    """Create or update ``.venv/NAME`` with ``reqs`` (for tools, not lanes); return its python."""
+    venv = VENVS / name
+    python = venv / "bin" / "python"
+    stamp = venv / ".requirements"
+    digest = hashlib.sha1("\n".join(reqs).encode()).hexdigest()
+    if python.exists() and stamp.exists() and stamp.read_text() == digest:
+        return python
+    if not python.exists():
+        subprocess.run([uv(), "venv", "-q", "--python", find_python("3.11"), str(venv)], check=True)
+    subprocess.run([uv(), "pip", "install", "-q", "--python", str(python), *reqs], check=True)
+    stamp.write_text(digest)
+    return python
+
+
 def main(argv: list[str]) -> int:
+    if argv and argv[0] == "tool":
+        print(tool(argv[1], argv[2:]))
+        return 0
     if not argv or argv[0] not in {"python", "list"}:
         print(__doc__, file=sys.stderr)
         return 2

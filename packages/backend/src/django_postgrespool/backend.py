@@ -70,6 +70,15 @@ class PooledDatabaseWrapperMixin:
     pool = None
 
     def get_connection_params(self) -> dict[str, Any]:
+        settings_dict = self.settings_dict  # type: ignore[attr-defined]
+        if settings_dict["OPTIONS"].get("pool"):
+            alias = self.alias  # type: ignore[attr-defined]
+            raise ImproperlyConfigured(
+                f"DATABASES[{alias!r}]['OPTIONS']['pool'] turns on Django's own "
+                f"connection pool, which cannot be combined with ENGINE "
+                f"{settings_dict['ENGINE']!r}. Remove it and put the pool's settings "
+                f"in DATABASES[{alias!r}]['POOL_OPTIONS']."
+            )
         params: dict[str, Any] = super().get_connection_params()  # type: ignore[misc]
         for name in POOL_OPTION_NAMES:
             params.pop(name, None)
@@ -160,13 +169,6 @@ class PooledDatabaseWrapperMixin:
     def _build_pool(self) -> ConnectionPool:
         alias: str = self.alias  # type: ignore[attr-defined]
         settings_dict = self.settings_dict  # type: ignore[attr-defined]
-        if settings_dict["OPTIONS"].get("pool"):
-            raise ImproperlyConfigured(
-                f"DATABASES[{alias!r}]['OPTIONS']['pool'] turns on Django's own "
-                f"connection pool, which cannot be combined with ENGINE "
-                f"{settings_dict['ENGINE']!r}. Remove it and put the pool's settings "
-                f"in DATABASES[{alias!r}]['POOL_OPTIONS']."
-            )
         options = resolve_pool_options(
             alias, settings_dict, getattr(settings, "DATABASE_POOL_ARGS", None)
         )

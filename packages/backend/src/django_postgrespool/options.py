@@ -12,7 +12,7 @@ import difflib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from django.core.exceptions import ImproperlyConfigured
 
@@ -24,7 +24,7 @@ __all__ = [
     "resolve_pool_options",
 ]
 
-PrePing = Union[bool, Literal["socket"]]
+PrePing = bool | Literal["socket"]
 ResetMode = Literal["rollback", "discard"]
 
 _TRUE = {"true", "yes", "on", "1"}

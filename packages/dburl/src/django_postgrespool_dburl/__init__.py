@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
-
 from django_postgrespool.options import (
     POOL_OPTION_NAMES,
     normalize_pool_options,
@@ -110,7 +109,7 @@ def mask_password(url: str) -> str:
     if at > start:
         colon = url.find(":", start, at)
         if colon >= 0:
-            url = f"{url[:colon + 1]}{_MASK}{url[at:]}"
+            url = f"{url[: colon + 1]}{_MASK}{url[at:]}"
     return re.sub(r"([?&](?:ssl)?password=)[^&#]*", rf"\g<1>{_MASK}", url, flags=re.IGNORECASE)
 
 
@@ -194,8 +193,15 @@ def parse(
 ) -> PooledDBConfig:
     """Parse a PostgreSQL URL into a ``DATABASES`` entry for the pooled engine."""
     return _parse(
-        url, "database URL", engine, conn_max_age, conn_health_checks, disable_server_side_cursors,
-        ssl_require, test_options, dict(pool_options),
+        url,
+        "database URL",
+        engine,
+        conn_max_age,
+        conn_health_checks,
+        disable_server_side_cursors,
+        ssl_require,
+        test_options,
+        dict(pool_options),
     )
 
 
@@ -226,8 +232,15 @@ def config(
             )
         url, label = default, "config() default"
     return _parse(
-        url, label, engine, conn_max_age, conn_health_checks, disable_server_side_cursors,
-        ssl_require, test_options, dict(pool_options),
+        url,
+        label,
+        engine,
+        conn_max_age,
+        conn_health_checks,
+        disable_server_side_cursors,
+        ssl_require,
+        test_options,
+        dict(pool_options),
     )
 
 
@@ -269,7 +282,7 @@ def _parse(
     token = _describing.set(where)
     try:
         settings: PooledDBConfig = dj_database_url.parse(  # type: ignore[assignment]
-            f"{scheme}{url[len(scheme):]}",
+            f"{scheme}{url[len(scheme) :]}",
             engine=engine or SCHEMES[scheme],
             conn_max_age=conn_max_age,  # type: ignore[arg-type]  # int only in 3.0
             conn_health_checks=conn_health_checks,

@@ -82,8 +82,12 @@ def _budgets(errors: list[checks.CheckMessage]) -> dict[_Server, list[tuple[str,
 
 
 def _over_budget(
-    server: _Server, pools: list[tuple[str, int]], workers: int, workers_from: str,
-    limit: int, limit_from: str,
+    server: _Server,
+    pools: list[tuple[str, int]],
+    workers: int,
+    workers_from: str,
+    limit: int,
+    limit_from: str,
 ) -> checks.CheckMessage | None:
     per_process = sum(cap for _, cap in pools)
     budget = workers * per_process
@@ -97,8 +101,7 @@ def _over_budget(
         f"(workers: {workers_from}), more than the {limit} it accepts ({limit_from}).",
         hint=(
             f"Lower pool_size + max_overflow so that workers × (pool_size + max_overflow) "
-            f"stays within {limit}, run fewer workers, or raise the server's limit. "
-            + see(SIZING)
+            f"stays within {limit}, run fewer workers, or raise the server's limit. " + see(SIZING)
         ),
         id="postgrespool.E001",
     )
@@ -113,14 +116,18 @@ def check_budget_against_setting(
     try:
         workers, workers_from = _workers()
         raw_limit = getattr(settings, "POSTGRESPOOL_MAX_CONNECTIONS", None)
-        limit = None if raw_limit is None else _positive_int("POSTGRESPOOL_MAX_CONNECTIONS", raw_limit)
+        limit = (
+            None if raw_limit is None else _positive_int("POSTGRESPOOL_MAX_CONNECTIONS", raw_limit)
+        )
     except _BadSetting as error:
         errors.append(checks.Error(str(error), hint=see(SIZING), id="postgrespool.E002"))
         return errors
     if limit is None:
         return errors
     for server, pools in servers.items():
-        over = _over_budget(server, pools, workers, workers_from, limit, "POSTGRESPOOL_MAX_CONNECTIONS")
+        over = _over_budget(
+            server, pools, workers, workers_from, limit, "POSTGRESPOOL_MAX_CONNECTIONS"
+        )
         if over is not None:
             errors.append(over)
     return errors

@@ -76,7 +76,7 @@ def _declared() -> tuple[dict[str, str | None], list[checks.CheckMessage]]:
 def check_declared_pgbouncer(
     app_configs: Sequence[Any] | None = None, **kwargs: Any
 ) -> list[checks.CheckMessage]:
-    """Require DISABLE_SERVER_SIDE_CURSORS on aliases declared behind a transaction-mode PgBouncer."""
+    """Require DISABLE_SERVER_SIDE_CURSORS behind a transaction-mode PgBouncer."""
     declared, errors = _declared()
     for alias, settings_dict in pooled_aliases():
         mode = declared.get(alias)
@@ -137,8 +137,7 @@ def check_proxy_in_between(
                 hint=(
                     f"Behind PgBouncer in transaction mode set DATABASES[{alias!r}]"
                     f"['DISABLE_SERVER_SIDE_CURSORS'] = True; otherwise declare the proxy with "
-                    f"POSTGRESPOOL_PGBOUNCER = {{{alias!r}: 'session'}} (or None). "
-                    + see(SECTION)
+                    f"POSTGRESPOOL_PGBOUNCER = {{{alias!r}: 'session'}} (or None). " + see(SECTION)
                 ),
                 id="postgrespool.W004",
             )

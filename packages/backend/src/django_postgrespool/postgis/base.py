@@ -9,5 +9,5 @@ from django_postgrespool.backend import DatabaseCreation, PooledDatabaseWrapperM
 __all__ = ["DatabaseCreation", "DatabaseWrapper"]
 
 
-class DatabaseWrapper(PooledDatabaseWrapperMixin, PostGISDatabaseWrapper):
+class DatabaseWrapper(PooledDatabaseWrapperMixin, PostGISDatabaseWrapper):  # type: ignore[misc]
     """PostGIS, with connections borrowed from a pool."""

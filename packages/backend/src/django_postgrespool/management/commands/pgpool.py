@@ -61,9 +61,24 @@ def _show(value: object) -> str:
 
 
 _SHOWN = (
-    "pool_size", "max_overflow", "timeout", "recycle", "pre_ping", "reset",
-    "size", "idle", "checked_out", "overflow", "peak_checked_out",
-    "checkouts", "waits", "timeouts", "opened", "recycled", "invalidated", "closed",
+    "pool_size",
+    "max_overflow",
+    "timeout",
+    "recycle",
+    "pre_ping",
+    "reset",
+    "size",
+    "idle",
+    "checked_out",
+    "overflow",
+    "peak_checked_out",
+    "checkouts",
+    "waits",
+    "timeouts",
+    "opened",
+    "recycled",
+    "invalidated",
+    "closed",
 )
 
 
