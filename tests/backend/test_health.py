@@ -8,7 +8,7 @@ import pytest
 from django.db import OperationalError
 from django_postgrespool import pool_stats
 
-from tests.support.requests import backend_pid, run_request
+from tests.support.requests import backend_pid, hold_at_once, run_request
 
 
 @pytest.mark.parametrize("pre_ping", ["socket", True])
@@ -47,19 +47,8 @@ def test_after_a_lost_connection_older_ones_are_pinged_not_handed_out_to_fail(
     # No health check at all: the first dead one fails its request; the
     # others, older than it, are verified before anyone gets them.
     alias, app = pooled_alias(pool_options={"pre_ping": False, "pool_size": 3})
-    import threading
 
-    barrier = threading.Barrier(3)
-
-    def hold(cursor):
-        cursor.execute("SELECT 1")
-        barrier.wait(timeout=10)
-
-    threads = [threading.Thread(target=run_request, args=(alias, hold)) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    hold_at_once(alias, 3)
     assert monitor.settled_count(app, 3) == 3
     monitor.terminate(app)
     time.sleep(0.05)

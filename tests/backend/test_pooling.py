@@ -8,7 +8,7 @@ import time
 from django.db import connections, transaction
 from django_postgrespool import pool_stats
 
-from tests.support.requests import backend_pid, run_request
+from tests.support.requests import backend_pid, hold_at_once, run_request
 
 
 def test_next_request_gets_the_same_backend(pooled_alias, monitor):
@@ -95,17 +95,7 @@ def test_64_threads_never_exceed_the_cap_and_never_fail(pooled_alias, monitor):
 
 def test_overflow_connections_close_when_returned_to_a_full_pool(pooled_alias, monitor):
     alias, app = pooled_alias(pool_options={"pool_size": 1, "max_overflow": 2})
-    barrier = threading.Barrier(3)
-
-    def hold(cursor):
-        cursor.execute("SELECT 1")
-        barrier.wait(timeout=10)
-
-    threads = [threading.Thread(target=run_request, args=(alias, hold)) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    hold_at_once(alias, 3)
     (stats,) = pool_stats(alias)
     assert stats["opened"] == 3
     assert stats["size"] == 1

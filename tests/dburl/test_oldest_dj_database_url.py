@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import subprocess
@@ -28,18 +27,8 @@ def declared_floor() -> str:
 def oldest_python() -> Path:
     """Create (once per requirement set) a venv pinned to the declared floor; return its python."""
     reqs = lanes.requirements(BASE_LANE, [f"dj-database-url=={declared_floor()}"])
-    python = VENV / "bin" / "python"
-    stamp = VENV / ".requirements"
-    digest = hashlib.sha1("\n".join(reqs).encode()).hexdigest()
-    if python.exists() and stamp.exists() and stamp.read_text() == digest:
-        return python
     django, _ = lanes.parse(BASE_LANE)
-    if not python.exists():
-        interpreter = lanes.find_python(lanes.PYTHON[django])
-        subprocess.run([lanes.uv(), "venv", "-q", "--python", interpreter, str(VENV)], check=True)
-    subprocess.run([lanes.uv(), "pip", "install", "-q", "--python", str(python), *reqs], check=True)
-    stamp.write_text(digest)
-    return python
+    return lanes.ensure_venv(VENV.name, lanes.PYTHON[django], reqs)
 
 
 def test_dburl_suite_passes_with_the_oldest_declared_dj_database_url(server_url):

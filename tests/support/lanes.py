@@ -111,26 +111,8 @@ def requirements(lane: str, extra: list[str]) -> list[str]:
     return reqs
 
 
-def setup(lane: str, extra: list[str] | None = None) -> Path:
-    """Create or update the lane's virtualenv; return its python."""
-    django, _ = parse(lane)
-    reqs = requirements(lane, extra or [])
-    venv = VENVS / lane
-    python = venv / "bin" / "python"
-    stamp = venv / ".requirements"
-    digest = hashlib.sha1("\n".join(reqs).encode()).hexdigest()
-    if python.exists() and stamp.exists() and stamp.read_text() == digest:
-        return python
-    interpreter = find_python(PYTHON[django])
-    if not python.exists():
-        subprocess.run([uv(), "venv", "-q", "--python", interpreter, str(venv)], check=True)
-    subprocess.run([uv(), "pip", "install", "-q", "--python", str(python), *reqs], check=True)
-    stamp.write_text(digest)
-    return python
-
-
-def tool(name: str, reqs: list[str]) -> Path:
-    """Create or update ``.venv/NAME`` with ``reqs`` (for tools, not lanes); return its python."""
+def ensure_venv(name: str, python_version: str, reqs: list[str]) -> Path:
+    """Create or update ``.venv/NAME`` with ``reqs`` (skipped when unchanged); return its python."""
     venv = VENVS / name
     python = venv / "bin" / "python"
     stamp = venv / ".requirements"
@@ -138,10 +120,22 @@ def tool(name: str, reqs: list[str]) -> Path:
     if python.exists() and stamp.exists() and stamp.read_text() == digest:
         return python
     if not python.exists():
-        subprocess.run([uv(), "venv", "-q", "--python", find_python("3.11"), str(venv)], check=True)
+        interpreter = find_python(python_version)
+        subprocess.run([uv(), "venv", "-q", "--python", interpreter, str(venv)], check=True)
     subprocess.run([uv(), "pip", "install", "-q", "--python", str(python), *reqs], check=True)
     stamp.write_text(digest)
     return python
+
+
+def setup(lane: str, extra: list[str] | None = None) -> Path:
+    """Create or update the lane's virtualenv; return its python."""
+    django, _ = parse(lane)
+    return ensure_venv(lane, PYTHON[django], requirements(lane, extra or []))
+
+
+def tool(name: str, reqs: list[str]) -> Path:
+    """Create or update ``.venv/NAME`` with ``reqs`` (for tools, not lanes); return its python."""
+    return ensure_venv(name, "3.11", reqs)
 
 
 def main(argv: list[str]) -> int:

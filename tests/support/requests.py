@@ -25,3 +25,20 @@ def run_request(alias: str, body: Callable[[Any], Any] | None = None) -> Any:
 def backend_pid(alias: str) -> int:
     """Return the backend pid of one request on ``alias``."""
     return run_request(alias)
+
+
+def hold_at_once(alias: str, count: int) -> None:
+    """Run ``count`` requests in threads that each hold a connection until all have one."""
+    import threading
+
+    barrier = threading.Barrier(count)
+
+    def hold(cursor: Any) -> None:
+        cursor.execute("SELECT 1")
+        barrier.wait(timeout=10)
+
+    threads = [threading.Thread(target=run_request, args=(alias, hold)) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
