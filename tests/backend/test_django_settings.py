@@ -73,3 +73,30 @@ def test_connection_checked_out_when_its_pool_is_closed_is_closed_at_checkin(poo
     assert monitor.settled_count(app, 1) == 1  # still in use by this thread
     connections[alias].close()
     assert monitor.settled_count(app, 0) == 0
+
+
+def test_connection_failing_djangos_health_check_is_discarded_not_reused(pooled_alias):
+    from unittest import mock
+
+    alias, _ = pooled_alias(CONN_HEALTH_CHECKS=True, CONN_MAX_AGE=None)
+    first = backend_pid(alias)
+    wrapper = connections[alias]
+    with mock.patch.object(wrapper, "is_usable", return_value=False):
+        # request_started marks the connection for a health check, the
+        # next query runs it: Django closes it, the pool must drop it.
+        assert backend_pid(alias) != first
+    (stats,) = pool_stats(alias)
+    assert stats["invalidated"] == 1
+
+
+def test_private_close_returns_the_connection_and_forgets_it(pooled_alias, monitor):
+    alias, app = pooled_alias(pool_options={"pre_ping": False})
+    wrapper = connections[alias]
+    wrapper.ensure_connection()
+    wrapper._close()
+    assert wrapper.connection is None
+    assert wrapper.is_usable() is False
+    wrapper.close()  # must not close the physical connection now in the pool
+    assert backend_pid(alias) > 0
+    assert pool_stats(alias)[0]["invalidated"] == 0
+    assert monitor.settled_count(app, 1) == 1

@@ -65,6 +65,7 @@ class PooledDatabaseWrapperMixin:
     _pool_connection: PoolProxiedConnection | None = None
     _pool: ConnectionPool | None = None
     _options_key: tuple[Any, Any, Hashable] | None = None
+    _discard_reason: str | None = None
 
     # Django's own pool (OPTIONS['pool'], Django >= 5.1) is never used.
     pool = None
@@ -114,8 +115,10 @@ class PooledDatabaseWrapperMixin:
 
     def _close(self) -> None:
         conn, pool = self._pool_connection, self._pool
-        if conn is None or pool is None:
-            super()._close()  # type: ignore[misc]
+        if conn is None:
+            if pool is None:  # a connection this wrapper did not borrow
+                super()._close()  # type: ignore[misc]
+            # else: already returned; self.connection is the pool's now.
             return
         self._pool_connection = None
         if self.in_atomic_block:  # type: ignore[attr-defined]
@@ -123,8 +126,23 @@ class PooledDatabaseWrapperMixin:
             # block (closed_in_transaction); it must not be lent to anyone.
             pool.discard(conn, "it was closed inside an atomic block")
             return
-        with self.wrap_database_errors:  # type: ignore[attr-defined]
-            pool.checkin(conn)
+        if self._discard_reason is not None:
+            pool.discard(conn, self._discard_reason)
+        else:
+            with self.wrap_database_errors:  # type: ignore[attr-defined]
+                pool.checkin(conn)
+        # Lent to the next borrower from now on (Django's close() clears it
+        # too, but _close() may be called alone).
+        self.connection = None
+
+    def close_if_health_check_failed(self) -> None:
+        # A connection that fails Django's health check (CONN_HEALTH_CHECKS)
+        # is closed for real, not returned to the pool.
+        self._discard_reason = "it failed Django's health check (CONN_HEALTH_CHECKS)"
+        try:
+            super().close_if_health_check_failed()  # type: ignore[misc]
+        finally:
+            self._discard_reason = None
 
     def close_pool(self) -> None:
         """Close every pool of this alias in this process (Django >= 5.1 API)."""
