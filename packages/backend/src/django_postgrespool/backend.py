@@ -135,6 +135,13 @@ class PooledDatabaseWrapperMixin:
         # too, but _close() may be called alone).
         self.connection = None
 
+    def is_usable(self) -> bool:
+        # After _close() the connection is the pool's: not ours to probe
+        # (Django < 5.0 would call None.cursor()).
+        if self.connection is None:  # type: ignore[attr-defined]
+            return False
+        return bool(super().is_usable())  # type: ignore[misc]
+
     def close_if_health_check_failed(self) -> None:
         # A connection that fails Django's health check (CONN_HEALTH_CHECKS)
         # is closed for real, not returned to the pool.

@@ -1,0 +1,231 @@
+"""The results table (Markdown), the target ratios and the chart ``bench.png``."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from alternatives import ALTERNATIVES, POOL_CAP
+
+WORKLOAD_LABELS = {
+    "A-one": "A, in process, one query",
+    "A-orm": "A, in process, a few ORM queries",
+    "B-http": "B, HTTP: gunicorn gthread + wrk",
+}
+# (alternative, threads the target is read at, minimum ratio ours / alternative)
+TARGETS = [
+    ("persistent", 1, 0.9),
+    ("native_pool", 16, 1.2),
+    ("dj_db_conn_pool", 16, 2.0),
+    ("no_pooling", 16, 10.0),
+]
+
+
+def versions(drivers: list[str], venv_python: Callable[[str], Path]) -> dict[str, str]:
+    """Return the versions of the packages that matter, per driver's virtualenv."""
+    code = (
+        "import importlib.metadata as m, platform\n"
+        "names = ['Django', 'SQLAlchemy', 'psycopg', 'psycopg-pool', 'psycopg2-binary',\n"
+        "         'django-db-connection-pool', 'gunicorn', 'django-postgrespool']\n"
+        "out = ['Python ' + platform.python_version()]\n"
+        "for n in names:\n"
+        "    try: out.append(n + ' ' + m.version(n))\n"
+        "    except m.PackageNotFoundError: pass\n"
+        "print(', '.join(out))\n"
+    )
+    found = {}
+    for driver in drivers:
+        out = subprocess.run([str(venv_python(driver)), "-c", code], capture_output=True, text=True)
+        found[driver] = out.stdout.strip()
+    for tool, cmd in (("pgbouncer", ["pgbouncer", "--version"]), ("wrk", ["wrk", "--version"])):
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            found[tool] = (out.stdout or out.stderr).splitlines()[0]
+        except (OSError, IndexError):
+            pass
+    return found
+
+
+def _index(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str, int], dict[str, Any]]:
+    return {(r["driver"], r["workload"], r["alt"], r["threads"]): r for r in rows}
+
+
+def _keys(rows: list[dict[str, Any]], field: str) -> list[Any]:
+    seen: list[Any] = []
+    for r in rows:
+        if r[field] not in seen:
+            seen.append(r[field])
+    return seen
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Return every cell as one Markdown table per workload and driver."""
+    idx = _index(rows)
+    out = []
+    for workload in _keys(rows, "workload"):
+        for driver in _keys(rows, "driver"):
+            out.append(f"\n#### {WORKLOAD_LABELS[workload]} — {driver}\n")
+            out.append("| alternative | clients | req/s | p50 ms | p99 ms | server conns | errors |")
+            out.append("|---|---:|---:|---:|---:|---:|---:|")
+            for alt in ALTERNATIVES:
+                for level in sorted(_keys(rows, "threads")):
+                    r = idx.get((driver, workload, alt, level))
+                    if r is None:
+                        continue
+                    name = f"**{ALTERNATIVES[alt][0]}**" if alt == "ours" else ALTERNATIVES[alt][0]
+                    out.append(
+                        f"| {name} | {level} | {r['rps']:.0f} | {r['p50_ms']:.2f} | "
+                        f"{r['p99_ms']:.2f} | {r['server_conns']} | {r['errors']} |"
+                    )
+    return "\n".join(out)
+
+
+def ratios(rows: list[dict[str, Any]]) -> tuple[str, list[str]]:
+    """Return the ratio table (ours ÷ each alternative) and the list of missed targets."""
+    idx = _index(rows)
+    levels = sorted(_keys(rows, "threads"))
+    header = " | ".join(f"{n} clients" for n in levels)
+    out = [
+        f"| ours ÷ | workload | driver | {header} | target | met |",
+        "|---|---|---|" + "---:|" * len(levels) + "---|---|",
+    ]
+    missed = []
+    for alt, at, minimum in TARGETS:
+        for workload in _keys(rows, "workload"):
+            for driver in _keys(rows, "driver"):
+                cells = []
+                for level in levels:
+                    ours = idx.get((driver, workload, "ours", level))
+                    other = idx.get((driver, workload, alt, level))
+                    cells.append(f"{ours['rps'] / other['rps']:.2f}" if ours and other and other["rps"]
+                                 else "–")
+                ours = idx.get((driver, workload, "ours", at))
+                other = idx.get((driver, workload, alt, at))
+                if not ours or not other or not other["rps"] or not ours["rps"]:
+                    verdict = "–"
+                else:
+                    ratio = ours["rps"] / other["rps"]
+                    ok = ratio >= minimum
+                    if alt == "native_pool" and ours["server_conns"] > POOL_CAP:
+                        ok = False
+                    verdict = "yes" if ok else "**no**"
+                    if not ok:
+                        missed.append(
+                            f"{workload} {driver}: ours ÷ {alt} at {at} clients = {ratio:.2f}, "
+                            f"target ≥ {minimum} (short by {minimum / ratio - 1:.0%})"
+                        )
+                out.append(
+                    f"| {ALTERNATIVES[alt][0]} | {workload} | {driver} | {' | '.join(cells)} | "
+                    f"≥ {minimum}× at {at}"
+                    f"{f', ≤ {POOL_CAP} conns' if alt == 'native_pool' else ''} | {verdict} |"
+                )
+    return "\n".join(out), missed
+
+
+def rst(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """Return the README's results: req/s (peak server connections) per alternative and level."""
+    idx = _index(rows)
+    levels = sorted(_keys(rows, "threads"))
+    out = []
+    for workload in _keys(rows, "workload"):
+        for driver in _keys(rows, "driver"):
+            title = f"{WORKLOAD_LABELS[workload]} — {driver}"
+            out += [f".. list-table:: {title}: requests/s (peak server connections)",
+                    "   :header-rows: 1", "",
+                    "   * - alternative", *[f"     - {n} clients" for n in levels]]
+            for alt in ALTERNATIVES:
+                cells = [idx.get((driver, workload, alt, n)) for n in levels]
+                if not any(cells):
+                    continue
+                name = f"**{ALTERNATIVES[alt][0]}**" if alt == "ours" else ALTERNATIVES[alt][0]
+                out.append(f"   * - {name}")
+                for c in cells:
+                    text = f"{c['rps']:.0f} ({c['server_conns']})" if c else "–"
+                    if c and c["errors"]:
+                        text += f", {c['errors']} errors"
+                    out.append(f"     - {text}")
+            out.append("")
+    return "\n".join(out)
+
+
+def chart(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Draw throughput against clients, one panel per workload × driver."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    idx = _index(rows)
+    workloads, drivers = _keys(rows, "workload"), _keys(rows, "driver")
+    levels = sorted(_keys(rows, "threads"))
+    fig, axes = plt.subplots(
+        len(workloads), len(drivers), figsize=(5.5 * len(drivers), 3.6 * len(workloads)),
+        squeeze=False, sharex=True,
+    )
+    for i, workload in enumerate(workloads):
+        for j, driver in enumerate(drivers):
+            ax = axes[i][j]
+            for alt in ALTERNATIVES:
+                points = [(n, idx[(driver, workload, alt, n)]["rps"]) for n in levels
+                          if (driver, workload, alt, n) in idx]
+                if not points:
+                    continue
+                xs, ys = zip(*points)
+                # One colour per alternative in every panel (psycopg2 has no native pool).
+                ax.plot(xs, ys, marker="o", label=ALTERNATIVES[alt][0],
+                        linewidth=2.6 if alt == "ours" else 1.3,
+                        color="black" if alt == "ours" else f"C{list(ALTERNATIVES).index(alt)}")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(levels)
+            ax.set_xticklabels([str(n) for n in levels])
+            ax.set_ylim(bottom=0)
+            ax.set_title(f"{WORKLOAD_LABELS[workload]} — {driver}", fontsize=9)
+            ax.set_ylabel("requests/s")
+            ax.grid(alpha=0.3)
+            if i == len(workloads) - 1:
+                ax.set_xlabel("concurrent clients (threads / connections)")
+    seen: dict[str, Any] = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    labels = [ALTERNATIVES[a][0] for a in ALTERNATIVES if ALTERNATIVES[a][0] in seen]
+    handles = [seen[label] for label in labels]
+    fig.legend(handles, labels, loc="upper center", ncol=3, fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(out: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """Write ``results.md`` and ``bench.png`` into ``out``; return the Markdown."""
+    ratio_table, missed = ratios(rows)
+    lines = [
+        "# make bench: results",
+        "",
+        f"Pool cap {meta['pool_cap']} server connections for every pooled alternative; "
+        f"{meta['rounds']} round(s) of {meta['duration_s']} s per cell after {meta['warmup_s']} s "
+        f"warm-up, alternatives alternating; {meta['elapsed_s']} s in all.",
+        f"Workload B serves {meta['http_target']}.",
+        f"Machine load at the end: `{meta['uptime']}`.",
+        "",
+        "Versions: " + "; ".join(f"{k}: {v}" for k, v in meta["versions"].items()),
+        "",
+        "## Ratios (throughput of ours ÷ the alternative's)",
+        "",
+        ratio_table,
+        "",
+        "## Every cell",
+        table(rows),
+        "",
+    ]
+    if missed:
+        lines[lines.index("## Every cell"):lines.index("## Every cell")] = [
+            "Targets missed:", "", *[f"- {m}" for m in missed], "",
+        ]
+    text = "\n".join(lines)
+    (out / "results.md").write_text(text)
+    (out / "results.rst").write_text(rst(meta, rows))
+    chart(out / "bench.png", rows)
+    return text

@@ -1,0 +1,499 @@
+"""``make bench``: django-postgrespool side by side with what users pick instead.
+
+    python3 bench/run.py            # the full run: results in bench/results/
+    python3 bench/run.py --quick    # CI's short run: a few cells, results in a temp folder
+
+Every alternative of ``alternatives.py`` runs in the same run, alternating
+(the order rotates each round), on the same Django, driver, server and
+machine. Two workloads, at 1, 4, 16 and 64 concurrent clients:
+
+A. in process (``worker.py``): Django's request cycle on N threads, with a
+   one-query body (``A-one``) and a few-ORM-queries body (``A-orm``);
+B. over HTTP (``B-http``): the benchmark project under gunicorn (one gthread
+   worker with N threads) driven by wrk with N connections, one-query view.
+
+For each cell: throughput, p50 and p99 latency, the peak of server
+connections (``pg_stat_activity``, sampled every 20 ms) and errors. Run with
+the system Python: it makes the virtualenvs ``.venv/bench-psycopg`` and
+``.venv/bench-psycopg2`` and goes on inside the first one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path[:0] = [str(BENCH), str(ROOT)]
+EXAMPLES = ROOT / "examples"
+
+from alternatives import ALTERNATIVES, POOL_CAP, alternatives_for  # noqa: E402
+
+DRIVERS = ("psycopg", "psycopg2")
+WORKLOADS = ("A-one", "A-orm", "B-http")
+LEVELS = (1, 4, 16, 64)
+DATABASE = "bench"
+QUICK_ALTS = ("persistent", "ours")
+COMMON = [
+    "Django>=5.2,<5.3",
+    "SQLAlchemy>=2.1,<2.2",
+    "django-db-connection-pool>=1.2",
+    "gunicorn>=22",
+    "-e", str(ROOT / "packages" / "backend"),
+    # The example project (workload B) reads its settings through it.
+    "-e", str(ROOT / "packages" / "dburl"),
+]
+REQUIREMENTS = {
+    # The psycopg venv also runs this script's second half: the monitor
+    # connection, matplotlib and py-spy live there.
+    "psycopg": ["psycopg[binary,pool]>=3.2", "matplotlib>=3.8", "py-spy>=0.3", *COMMON],
+    "psycopg2": ["psycopg2-binary>=2.9", *COMMON],
+}
+
+
+# -- virtualenvs ----------------------------------------------------------
+
+
+def venv_python(driver: str) -> Path:
+    return ROOT / ".venv" / f"bench-{driver}" / "bin" / "python"
+
+
+def ensure_venv(driver: str) -> Path:
+    """Create or update ``.venv/bench-<driver>``; return its python."""
+    from tests.support import lanes
+
+    reqs = REQUIREMENTS[driver]
+    python = venv_python(driver)
+    venv = python.parent.parent
+    stamp = venv / ".requirements"
+    digest = hashlib.sha1("\n".join(reqs).encode()).hexdigest()
+    if python.exists() and stamp.exists() and stamp.read_text() == digest:
+        return python
+    print(f"==> setting up {venv.relative_to(ROOT)}", flush=True)
+    if not python.exists():
+        interpreter = lanes.find_python("3.11")
+        subprocess.run([lanes.uv(), "venv", "-q", "--python", interpreter, str(venv)], check=True)
+    subprocess.run([lanes.uv(), "pip", "install", "-q", "--python", str(python), *reqs], check=True)
+    stamp.write_text(digest)
+    return python
+
+
+def ensure_wrk() -> str:
+    """Return the path of wrk, installing Debian's package when missing."""
+    found = shutil.which("wrk")
+    if found:
+        return found
+    if os.geteuid() != 0:
+        raise SystemExit("wrk is missing: install Debian's package 'wrk'")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, stdout=subprocess.DEVNULL, env=env)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-qq", "wrk"], check=True, stdout=subprocess.DEVNULL, env=env
+    )
+    return shutil.which("wrk") or "/usr/bin/wrk"
+
+
+# -- measuring ------------------------------------------------------------
+
+
+class Sampler:
+    """Sample, every 20 ms, how many server sessions carry ``application_name``."""
+
+    def __init__(self, monitor: Any, application_name: str) -> None:
+        self.monitor, self.name = monitor, application_name
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def count(self) -> int:
+        with self.monitor.cursor() as cur:
+            cur.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (self.name,)
+            )
+            return int(cur.fetchone()[0])
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.count())
+            self._stop.wait(0.02)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class HarnessError(RuntimeError):
+    """The benchmark itself broke (not an alternative's error count)."""
+
+
+class Bench:
+    def __init__(
+        self, args: argparse.Namespace, db: dict[str, Any], monitor: Any, project: HttpProject
+    ) -> None:
+        self.args, self.db, self.monitor, self.project = args, db, monitor, project
+        self.wrk = ensure_wrk() if "B-http" in args.workloads else ""
+
+    def env(self, alt: str, driver: str) -> dict[str, str]:
+        return {
+            **os.environ,
+            "BENCH_ALT": alt,
+            "BENCH_DB": json.dumps({**self.db, "driver": driver}),
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
+
+    def settle(self, alt: str) -> None:
+        """Wait until the previous cell's server sessions of ``alt`` are gone."""
+        if alt == "pgbouncer":  # its server connections outlive the clients, by design
+            return
+        sampler = Sampler(self.monitor, f"bench-{alt}")
+        deadline = time.monotonic() + 5
+        while sampler.count() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def cell(self, driver: str, workload: str, alt: str, level: int) -> dict[str, Any]:
+        self.settle(alt)
+        with Sampler(self.monitor, f"bench-{alt}") as sampler:
+            if workload.startswith("A-"):
+                result = self.in_process(driver, workload[2:], alt, level)
+            else:
+                result = self.over_http(driver, alt, level)
+        result["server_conns"] = sampler.peak
+        if result["requests"] == 0:
+            raise HarnessError(
+                f"{driver} {workload} {alt} x{level}: no request completed "
+                f"({result.get('first_error')})"
+            )
+        return result
+
+    def in_process(self, driver: str, body: str, alt: str, level: int) -> dict[str, Any]:
+        a = self.args
+        cmd = [
+            str(venv_python(driver)), str(BENCH / "worker.py"), "--threads", str(level),
+            "--body", body, "--warmup", str(a.warmup), "--duration", str(a.duration),
+        ]
+        if a.profile:
+            # py-spy's collapsed stacks, one file per cell (see bench/profile.py).
+            a.out.mkdir(parents=True, exist_ok=True)
+            name = f"profile-{driver}-{body}-{alt}-{level}.txt"
+            spy = str(venv_python("psycopg").parent / "py-spy")
+            cmd = [spy, "record", "--format", "raw", "--rate", "250", "--gil", "--nonblocking",
+                   "-o", str(a.out / name), "--", *cmd]
+        limit = a.warmup + a.duration + 90
+        try:
+            out = subprocess.run(
+                cmd, env=self.env(alt, driver), capture_output=True, text=True, timeout=limit
+            )
+        except subprocess.TimeoutExpired as timeout:
+            err = (timeout.stderr or b"")[-3000:]
+            raise HarnessError(f"{driver} {alt} x{level}: worker still running after {limit:.0f}s:"
+                               f"\n{err.decode(errors='replace') if isinstance(err, bytes) else err}"
+                               ) from None
+        lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+        if out.returncode != 0 or not lines:
+            raise HarnessError(
+                f"{driver} {alt} x{level}: worker exited with {out.returncode}:\n{out.stderr[-3000:]}"
+            )
+        result: dict[str, Any] = json.loads(lines[-1])
+        return result
+
+    def over_http(self, driver: str, alt: str, level: int) -> dict[str, Any]:
+        from tests.support.pgcluster import free_port
+
+        a = self.args
+        port = free_port()
+        p = self.project
+        cmd = [
+            str(venv_python(driver)), "-m", "gunicorn", "--chdir", str(p.chdir),
+            "--pythonpath", str(BENCH / "project"),
+            "--worker-class", "gthread", "--workers", "1", "--threads", str(level),
+            "--bind", f"127.0.0.1:{port}", "--backlog", "2048", "--keep-alive", "30",
+            "--log-level", "warning", p.wsgi,
+        ]
+        log = tempfile.TemporaryFile()
+        env = {**self.env(alt, driver), "DJANGO_SETTINGS_MODULE": p.settings}
+        server = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, start_new_session=True)
+        url = f"http://127.0.0.1:{port}{p.path}"
+        try:
+            self._wait_http(url, server, log)
+            wrk = [self.wrk, "-t", str(min(2, level)), "-c", str(level), "--timeout", "10s"]
+            script = ["-s", str(BENCH / "wrk_report.lua")]
+            if a.warmup >= 0.5:
+                subprocess.run(
+                    [*wrk, "-d", f"{max(1, round(a.warmup))}s", url],
+                    capture_output=True, check=True, timeout=60,
+                )
+            seconds = max(1, round(a.duration))
+            out = subprocess.run(
+                [*wrk, *script, "-d", f"{seconds}s", url],
+                capture_output=True, text=True, timeout=seconds + 60,
+            )
+            if out.returncode != 0:
+                raise HarnessError(f"wrk failed ({out.returncode}): {out.stderr}")
+            w = json.loads(out.stdout.strip().splitlines()[-1])
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
+        log.seek(0)
+        errors = w["connect"] + w["read"] + w["write"] + w["status"] + w["timeout"]
+        first_error = None
+        if errors:
+            first_error = log.read().decode(errors="replace")[-1000:] or "see wrk"
+        return {
+            "requests": w["requests"] - w["status"],
+            "errors": errors,
+            "seconds": w["duration_us"] / 1e6,
+            "p50_ms": w["p50_us"] / 1000,
+            "p99_ms": w["p99_us"] / 1000,
+            "first_error": first_error,
+        }
+
+    @staticmethod
+    def _wait_http(url: str, server: subprocess.Popen[bytes], log: Any) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                log.seek(0)
+                raise HarnessError(f"gunicorn exited: {log.read().decode()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise HarnessError(f"gunicorn did not answer {url} within 30s")
+
+
+class HttpProject:
+    """What workload B serves: the example project, or the benchmark's own without it."""
+
+    def __init__(self) -> None:
+        self.example = (EXAMPLES / "exampleproject" / "settings.py").exists()
+        if self.example:
+            self.chdir, self.settings = EXAMPLES, "benchsite.example_settings"
+            self.wsgi, self.path = "exampleproject.wsgi:application", "/api/products/"
+            self.label = "examples/ shop, GET /api/products/"
+        else:
+            self.chdir, self.settings = BENCH / "project", "benchsite.settings"
+            self.wsgi, self.path = "benchsite.wsgi:application", "/one"
+            self.label = "bench project, GET /one"
+
+    def prepare(self, db: dict[str, Any]) -> None:
+        """Create the example's tables and sample data (once per run)."""
+        if not self.example:
+            return
+        env = {
+            **os.environ, "BENCH_ALT": "persistent", "BENCH_DB": json.dumps(db),
+            "DJANGO_SETTINGS_MODULE": self.settings,
+            "PYTHONPATH": os.pathsep.join([str(BENCH / "project"), str(EXAMPLES)]),
+        }
+        for command in (["migrate", "-v", "0"], ["demodata"]):
+            out = subprocess.run(
+                [str(venv_python("psycopg")), "-m", "django", *command],
+                cwd=EXAMPLES, env=env, capture_output=True, text=True,
+            )
+            if out.returncode != 0:
+                raise HarnessError(f"example project: manage.py {command[0]} failed:\n{out.stderr}")
+
+
+def aggregate(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Merge the rounds of each (driver, workload, alternative, level)."""
+    groups: dict[tuple[str, str, str, int], list[dict[str, Any]]] = {}
+    for c in cells:
+        groups.setdefault((c["driver"], c["workload"], c["alt"], c["threads"]), []).append(c)
+    rows = []
+    for (driver, workload, alt, level), runs in groups.items():
+        requests = sum(r["requests"] for r in runs)
+        seconds = sum(r["seconds"] for r in runs)
+        rows.append({
+            "driver": driver, "workload": workload, "alt": alt, "threads": level,
+            "rounds": len(runs),
+            "rps": requests / seconds,
+            "p50_ms": sum(r["p50_ms"] for r in runs) / len(runs),
+            "p99_ms": sum(r["p99_ms"] for r in runs) / len(runs),
+            "server_conns": max(r["server_conns"] for r in runs),
+            "errors": sum(r["errors"] for r in runs),
+            "first_error": next((r["first_error"] for r in runs if r.get("first_error")), None),
+        })
+    return rows
+
+
+# -- the run --------------------------------------------------------------
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="CI's short run (a few cells, no files)")
+    p.add_argument("--drivers", nargs="+", choices=DRIVERS, default=list(DRIVERS))
+    p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
+    p.add_argument("--alts", nargs="+", choices=list(ALTERNATIVES), default=list(ALTERNATIVES))
+    p.add_argument("--threads", nargs="+", type=int, default=list(LEVELS))
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--warmup", type=float, default=0.5, help="seconds before measuring")
+    p.add_argument("--duration", type=float, default=2.0, help="seconds measured per cell")
+    p.add_argument("--out", type=Path, help="results folder (default bench/results)")
+    p.add_argument("--profile", action="store_true",
+                   help="record each in-process cell with py-spy into the results folder")
+    p.add_argument("--in-venv", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.threads, args.rounds, args.warmup, args.duration = [4], 1, 0.2, 0.5
+        args.out = args.out or Path(tempfile.mkdtemp(prefix="bench-quick-"))
+    args.out = args.out or BENCH / "results"
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    if not args.in_venv:
+        for driver in args.drivers:
+            ensure_venv(driver)
+        python = str(ensure_venv("psycopg"))
+        os.execv(python, [python, str(Path(__file__)), *argv, "--in-venv"])
+    return measure(args)
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def measure(args: argparse.Namespace) -> int:
+    # Stop the server, PgBouncer and gunicorn on SIGTERM and Ctrl-C alike
+    # (a background job starts with SIGINT ignored).
+    signal.signal(signal.SIGTERM, _interrupted)
+    signal.signal(signal.SIGINT, _interrupted)
+    import psycopg
+    from tests.support.pgbouncer import PgBouncer
+    from tests.support.pgcluster import Cluster
+
+    import report
+
+    started = time.time()
+    cluster = Cluster()
+    bouncer = None
+    monitor = None
+    cells: list[dict[str, Any]] = []
+    http_project = HttpProject()
+    broken: list[str] = []
+    try:
+        cluster.start()
+        cluster.create_database(DATABASE)
+        sys.path.insert(0, str(BENCH / "project"))
+        from benchapp.schema import CREATE_TABLE
+
+        cluster.psql(CREATE_TABLE, database=DATABASE)
+        db = {
+            "host": cluster.host, "port": cluster.port, "user": cluster.user,
+            "password": cluster.password, "database": DATABASE, "pgbouncer_port": 0,
+        }
+        if "B-http" in args.workloads:
+            http_project.prepare(db)
+        if "pgbouncer" in args.alts:
+            # tests/support/pgbouncer.py never reads pgbouncer's stderr: with a
+            # log line per login the pipe fills after a few hundred requests
+            # and pgbouncer blocks, so keep the per-connection lines out of it.
+            quiet = {"log_connections": "0", "log_disconnections": "0", "log_stats": "0"}
+            bouncer = PgBouncer(
+                cluster, pool_mode="transaction", pool_size=POOL_CAP, settings=quiet
+            )
+            bouncer.start()
+            db["pgbouncer_port"] = bouncer.port
+        monitor = psycopg.connect(
+            host=cluster.host, port=cluster.port, user=cluster.user, password=cluster.password,
+            dbname="postgres", application_name="bench-monitor", autocommit=True,
+        )
+        bench = Bench(args, db, monitor, http_project)
+        print(f"==> load before: {os.getloadavg()[0]:.2f}; results in {args.out}", flush=True)
+        for driver in args.drivers:
+            every = [a for a in alternatives_for(driver) if a in args.alts]
+            for workload in args.workloads:
+                # The short run covers every alternative once per driver (A-one)
+                # and the other workloads with two of them.
+                alts = every if not args.quick or workload == "A-one" else [
+                    a for a in every if a in QUICK_ALTS
+                ]
+                for level in args.threads:
+                    for round_ in range(args.rounds):
+                        shift = round_ % len(alts)
+                        for alt in alts[shift:] + alts[:shift]:
+                            try:
+                                result = bench.cell(driver, workload, alt, level)
+                            except HarnessError as error:
+                                if args.quick:
+                                    raise
+                                # A long run goes on; the cell shows as failed.
+                                print(f"!! {error}", file=sys.stderr, flush=True)
+                                broken.append(str(error))
+                                result = {"requests": 0, "errors": 1, "seconds": args.duration,
+                                          "p50_ms": float("nan"), "p99_ms": float("nan"),
+                                          "server_conns": 0, "first_error": str(error)[:500]}
+                            result.update(driver=driver, workload=workload, alt=alt, threads=level)
+                            cells.append(result)
+                            print(
+                                f"  {driver:8} {workload:6} x{level:<3} {alt:16} "
+                                f"{result['requests'] / result['seconds']:8.0f} req/s "
+                                f"p50 {result['p50_ms']:7.2f} ms p99 {result['p99_ms']:7.2f} ms "
+                                f"conns {result['server_conns']:3} errors {result['errors']}",
+                                flush=True,
+                            )
+    finally:
+        if monitor is not None:
+            monitor.close()
+        if bouncer is not None:
+            bouncer.stop()
+        cluster.destroy()
+    rows = aggregate(cells)
+    meta = {
+        "quick": args.quick,
+        "rounds": args.rounds,
+        "warmup_s": args.warmup,
+        "duration_s": args.duration,
+        "pool_cap": POOL_CAP,
+        "http_target": http_project.label,
+        "elapsed_s": round(time.time() - started),
+        "load_after": [round(x, 2) for x in os.getloadavg()],
+        "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
+        "versions": report.versions(args.drivers, venv_python),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    text = report.write(args.out, meta, rows)
+    print(text, flush=True)
+    failures = [r for r in rows if r["errors"]]
+    for r in failures:
+        print(f"!! {r['driver']} {r['workload']} {r['alt']} x{r['threads']}: {r['errors']} errors: "
+              f"{r['first_error']}", file=sys.stderr)
+    if broken:
+        print(f"bench: {len(broken)} cell(s) could not be measured", file=sys.stderr)
+        return 2
+    if args.quick and failures:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except HarnessError as error:
+        print(f"bench: the harness broke: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,71 @@
+"""The benchmark harness's arithmetic: merging rounds, ratios against the targets.
+
+The benchmark itself runs with ``make bench`` (CI runs ``make bench QUICK=1``);
+these tests only pin how its numbers are turned into the table.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import report  # noqa: E402
+from alternatives import ALTERNATIVES, POOL_CAP, alternatives_for, database_settings  # noqa: E402
+from run import aggregate  # noqa: E402
+
+DB = {
+    "host": "127.0.0.1", "port": 5432, "user": "u", "password": "p", "database": "bench",
+    "pgbouncer_port": 6432, "driver": "psycopg",
+}
+
+
+def row(alt: str, threads: int, rps: float, conns: int = 4) -> dict[str, object]:
+    return {
+        "driver": "psycopg", "workload": "A-one", "alt": alt, "threads": threads, "rps": rps,
+        "p50_ms": 1.0, "p99_ms": 2.0, "server_conns": conns, "errors": 0,
+    }
+
+
+def test_rounds_are_merged_into_one_row_per_cell() -> None:
+    cell = {"driver": "psycopg", "workload": "A-one", "alt": "ours", "threads": 4,
+            "seconds": 2.0, "server_conns": 3, "errors": 0, "first_error": None}
+    rows = aggregate([
+        {**cell, "requests": 1000, "p50_ms": 1.0, "p99_ms": 3.0},
+        {**cell, "requests": 3000, "p50_ms": 2.0, "p99_ms": 5.0, "server_conns": 4, "errors": 1},
+    ])
+    assert len(rows) == 1
+    r = rows[0]
+    assert (r["rounds"], r["rps"], r["p50_ms"], r["p99_ms"]) == (2, 1000.0, 1.5, 4.0)
+    assert (r["server_conns"], r["errors"]) == (4, 1)
+
+
+def test_a_missed_target_says_by_how_much() -> None:
+    _, missed = report.ratios([row("ours", 1, 800), row("persistent", 1, 1000)])
+    assert missed == [
+        "A-one psycopg: ours ÷ persistent at 1 clients = 0.80, target ≥ 0.9 (short by 12%)"
+    ]
+
+
+def test_native_pool_target_needs_no_more_server_connections_than_the_cap() -> None:
+    rows = [row("ours", 16, 2000, conns=POOL_CAP + 1), row("native_pool", 16, 1000)]
+    _, missed = report.ratios(rows)
+    assert len(missed) == 1 and "native_pool at 16 clients = 2.00" in missed[0]
+    _, missed = report.ratios([row("ours", 16, 2000, conns=POOL_CAP), row("native_pool", 16, 1000)])
+    assert missed == []
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
+def test_every_alternative_of_a_driver_has_a_databases_entry(driver: str) -> None:
+    names = alternatives_for(driver)
+    assert ("native_pool" in names) == (driver == "psycopg")
+    for name in names:
+        entry = database_settings(name, {**DB, "driver": driver})
+        assert entry["OPTIONS"]["application_name"] == f"bench-{name}"
+    assert set(ALTERNATIVES) >= set(names)
+    assert database_settings("ours", DB)["POOL_OPTIONS"] == {"pool_size": POOL_CAP, "max_overflow": 0}
+    assert database_settings("pgbouncer", DB)["PORT"] == "6432"
