@@ -106,17 +106,20 @@ class PgBouncer:
         # A plain-text password lets pgbouncer do SCRAM with clients and server.
         (folder / "userlist.txt").write_text(f'"{self.user}" "{self.password}"\n')
         (folder / "pgbouncer.ini").write_text(self._config(folder))
-        cmd = [binary, str(folder / "pgbouncer.ini")]
+        # -q: log to the log file only; a stderr pipe nobody reads would fill
+        # up and freeze pgbouncer after a few hundred logins.
+        cmd = [binary, "-q", str(folder / "pgbouncer.ini")]
         if os.geteuid() == 0:
             pw = pwd.getpwnam("postgres")
             for path in (folder, *folder.iterdir()):
                 os.chown(path, pw.pw_uid, pw.pw_gid)
             cmd = ["runuser", "-u", "postgres", "--", *cmd]
-        self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                err = self.process.stderr.read().decode() if self.process.stderr else ""
+                log = folder / "pgbouncer.log"
+                err = log.read_text()[-2000:] if log.exists() else ""
                 self.stop()
                 raise RuntimeError(f"pgbouncer exited with {self.process.returncode}: {err}")
             with socket.socket() as s:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import deque
 import select
 import threading
 import time
@@ -48,6 +49,8 @@ _VERIFIED = "django_postgrespool.verified"
 _CONFIGURED = "django_postgrespool.configured"
 _ISOLATION = "django_postgrespool.isolation_level"
 _DISCARDED = "django_postgrespool.discarded"
+_RESET_DONE = "django_postgrespool.reset_done"
+_POLLER = "django_postgrespool.poller"
 
 WAIT_WARNING_INTERVAL = 10.0
 
@@ -102,6 +105,16 @@ class _Asking(threading.local):
 _asking = _Asking()
 
 
+class _Waiter:
+    """A checkout waiting at the cap: it is handed a connection, or a free slot."""
+
+    __slots__ = ("conn", "event")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.conn: PoolProxiedConnection | None = None
+
+
 class ConnectionPool:
     """One pool of physical connections for one (process, alias, parameters)."""
 
@@ -124,6 +137,14 @@ class ConnectionPool:
         # detach their sockets without closing them (see abandon_after_fork).
         self._physical: weakref.WeakSet[Any] = weakref.WeakSet()
         self._counts_lock = threading.Lock()
+        # Slots: connections checked out or being checked out, <= the cap.
+        # A connection returned while checkouts wait goes straight to the
+        # oldest of them (first come, first served) instead of back through
+        # SQLAlchemy's queue, where the woken thread would race the running
+        # ones for it. The lock guards _in_use and _waiters only.
+        self._lock = threading.Lock()
+        self._in_use = 0
+        self._waiters: deque[_Waiter] = deque()
         self._opened = self._closed_count = self._recycled = self._invalidated = 0
         self._checkouts = self._waits = self._timeouts = self._peak = 0
         self._last_wait_warning = float("-inf")
@@ -160,6 +181,10 @@ class ConnectionPool:
         info = record.info
         info[_BORN] = time.monotonic()
         info[_ISOLATION] = wrapper.isolation_level
+        if self._pre_ping == "socket":
+            poller = select.poll()
+            poller.register(raw.fileno(), select.POLLIN | select.POLLPRI)
+            info[_POLLER] = poller
         self._physical.add(raw)
         with self._counts_lock:
             self._opened += 1
@@ -184,38 +209,77 @@ class ConnectionPool:
         self, wrapper: PooledDatabaseWrapperMixin, params: dict[str, Any]
     ) -> PoolProxiedConnection:
         """Return a checked-out connection, creating one through ``wrapper`` if needed."""
-        queue = self._queue
-        if queue.checkedout() >= self._cap:
-            self._note_wait()
+        conn = self._acquire()  # a connection handed over, or None: a free slot
         _asking.wrapper, _asking.params = wrapper, params
         try:
             # Bounded: a failed health check marks every older connection as
             # suspect, so each further round either verifies one or opens one.
             for _ in range(self._cap + 2):
-                try:
-                    conn = queue.connect()
-                except sa_exc.TimeoutError:
-                    self._timeouts += 1
-                    raise PoolTimeout(
-                        alias=self.alias,
-                        pool_size=self.options.pool_size,
-                        max_overflow=self.options.max_overflow,
-                        checked_out=queue.checkedout(),
-                        timeout=self.options.timeout,
-                    ) from None
+                if conn is None:
+                    conn = self._connect()
                 info = conn.info
                 # A connection made by this very checkout needs no check.
                 if _CONFIGURED not in info or self._is_alive(conn, info):
                     self._checkouts += 1
-                    out = queue.checkedout()
-                    if out > self._peak:
-                        self._peak = out
                     return conn
                 self._suspect_before = time.monotonic()
-                self.discard(conn, "it failed the health check at checkout")
+                self._invalidate(conn, "it failed the health check at checkout")
+                conn = None  # keep the slot, try another connection
             raise PoolError(f"{self!r} could not find a live connection.")
+        except BaseException:
+            self._release_slot()
+            raise
         finally:
             _asking.wrapper = _asking.params = None
+
+    def _connect(self) -> PoolProxiedConnection:
+        # Holding a slot, SQLAlchemy's queue has a connection or room for one,
+        # but for the moment a returned one takes to get back into it.
+        try:
+            return self._queue.connect()
+        except sa_exc.TimeoutError:
+            self._timeouts += 1
+            raise self._timeout_error() from None
+
+    def _timeout_error(self) -> PoolTimeout:
+        return PoolTimeout(
+            alias=self.alias,
+            pool_size=self.options.pool_size,
+            max_overflow=self.options.max_overflow,
+            checked_out=self._in_use,
+            timeout=self.options.timeout,
+        )
+
+    def _acquire(self) -> PoolProxiedConnection | None:
+        """Reserve a slot (return None), or wait to be handed a connection or a slot."""
+        with self._lock:
+            if self._in_use < self._cap:
+                self._in_use += 1
+                if self._in_use > self._peak:
+                    self._peak = self._in_use
+                return None
+            waiter = _Waiter()
+            self._waiters.append(waiter)
+        self._note_wait()
+        if not waiter.event.wait(self.options.timeout):
+            with self._lock:
+                try:
+                    self._waiters.remove(waiter)
+                except ValueError:  # served while giving up: take it
+                    pass
+                else:
+                    self._timeouts += 1
+                    raise self._timeout_error()
+        return waiter.conn
+
+    def _release_slot(self) -> None:
+        """Give a slot whose connection is gone to the oldest waiter, or free it."""
+        with self._lock:
+            waiter = self._waiters.popleft() if self._waiters else None
+            if waiter is None:
+                self._in_use -= 1
+        if waiter is not None:
+            waiter.event.set()  # waiter.conn is None: it opens or takes one
 
     def _note_wait(self) -> None:
         self._waits += 1
@@ -243,7 +307,7 @@ class ConnectionPool:
         if mode is False:
             return True
         raw = conn.dbapi_connection
-        if mode == "socket" and not _has_pending_input(raw):
+        if mode == "socket" and not _has_pending_input(raw, info):
             return True
         if _ping(raw):
             info[_VERIFIED] = time.monotonic()
@@ -253,26 +317,40 @@ class ConnectionPool:
     # -- checkin ----------------------------------------------------------
 
     def checkin(self, conn: PoolProxiedConnection) -> None:
-        """Return ``conn`` to the pool, or discard it if it cannot be reused."""
+        """Reset ``conn`` and lend it to a waiter or return it to the pool, or discard it."""
         if self.closed:
             self.discard(conn, "its pool was closed", warn=False)
             return
-        problem = self._broken(conn.dbapi_connection)
+        problem = self._broken(conn.dbapi_connection) or self._reset(
+            conn.dbapi_connection, conn.info
+        )
         if problem is not None:
             self.discard(conn, problem)
             return
-        conn.close()  # SQLAlchemy calls _on_reset, then queues the connection
+        with self._lock:
+            waiter = self._waiters.popleft() if self._waiters else None
+            if waiter is None:
+                self._in_use -= 1
+        if waiter is not None:
+            waiter.conn = conn  # stays checked out: a new borrower
+            waiter.event.set()
+            return
+        conn.info[_RESET_DONE] = True
+        conn.close()  # back to SQLAlchemy's queue
 
     def _on_reset(self, raw: Any, record: Any, state: Any) -> None:
-        # Every way back into the queue passes here: checkin above, and a
-        # connection whose borrower was garbage-collected without closing it
-        # (a thread that ended with a connection checked out).
-        if state.terminate_only:  # it is being closed anyway
+        # Every way back into SQLAlchemy's queue passes here: checkin above
+        # (already reset), and a connection whose borrower was
+        # garbage-collected without closing it (a thread that ended with a
+        # connection checked out): reset it, and free its slot.
+        info = record.info
+        if info.pop(_RESET_DONE, False) or state.terminate_only:
             return
-        problem = self._broken(raw) or self._reset(raw, record.info)
+        self._release_slot()
+        problem = self._broken(raw) or self._reset(raw, info)
         if problem is not None:
             self._note_discard(problem)
-            record.info[_DISCARDED] = True
+            info[_DISCARDED] = True
             # SQLAlchemy invalidates a connection whose reset raised.
             raise PoolError(f"Connection of database alias {self.alias!r} not reused: {problem}.")
 
@@ -311,6 +389,10 @@ class ConnectionPool:
 
     def discard(self, conn: PoolProxiedConnection, reason: str, *, warn: bool = True) -> None:
         """Close the physical connection of ``conn`` and free its slot."""
+        self._invalidate(conn, reason, warn=warn)
+        self._release_slot()
+
+    def _invalidate(self, conn: PoolProxiedConnection, reason: str, *, warn: bool = True) -> None:
         self._note_discard(reason, warn=warn)
         conn.info[_DISCARDED] = True
         conn.invalidate()
@@ -378,19 +460,21 @@ class ConnectionPool:
         )
 
 
-def _has_pending_input(raw: Any) -> bool:
+def _has_pending_input(raw: Any, info: dict[str, Any]) -> bool:
     """Tell, without a round trip, whether the server sent anything unasked.
 
     An idle connection has nothing to read; a backend that was terminated, a
     server that shut down or restarted, has sent an error and closed the
     socket, which makes it readable (NOTIFY payloads too: those pass the ping).
     """
-    try:
-        fd = raw.fileno()
-    except Exception:
-        return True
-    poller = select.poll()
-    poller.register(fd, select.POLLIN | select.POLLPRI)
+    poller = info.get(_POLLER)
+    if poller is None:
+        try:
+            fd = raw.fileno()
+        except Exception:
+            return True
+        poller = info[_POLLER] = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLPRI)
     return bool(poller.poll(0))
 
 
