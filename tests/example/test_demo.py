@@ -155,6 +155,5 @@ def test_demo_starts_embedded_postgres_once_and_reuses_its_data(demo_data: Path,
     assert "Sample data: kept the 5 existing products." in second
     assert not (demo_data / "data" / "postmaster.pid").exists()
     print(f"\ndemo ready in {first_time:.1f}s on the first run, {second_time:.1f}s on the second")
-    assert second_time < first_time
     for text in (first, second):
         assert PASSWORD not in text
