@@ -4,6 +4,7 @@ A physical connection passes through these states, and only these::
 
     created ──(Django's session setup, once)──▶ checked out
     checked out ──checkin: reset──▶ idle ──checkout: health check──▶ checked out
+    checked out ──checkin: reset, a checkout is waiting──▶ checked out (the waiter's)
     checked out ──broken / reset failed / pool closed──▶ discarded
     idle ──older than ``recycle`` / failed health check──▶ discarded
 
