@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import threading
-import time
 
 from django.db import connections, transaction
 from django_postgrespool import pool_stats
 
-from tests.support.requests import backend_pid, hold_at_once, run_request
+from tests.support.requests import backend_pid, hammer, hold_at_once, run_request
 
 
 def test_next_request_gets_the_same_backend(pooled_alias, monitor):
@@ -51,34 +50,9 @@ def test_two_threads_at_once_use_two_backends_then_share_them(pooled_alias, moni
 def test_64_threads_never_exceed_the_cap_and_never_fail(pooled_alias, monitor):
     alias, app = pooled_alias(pool_options={"pool_size": 4, "max_overflow": 6, "timeout": 60})
     cap = 10
-    errors: list[BaseException] = []
-    peak = 0
-    done = threading.Event()
-
-    def sample():
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, monitor.count(app))
-            time.sleep(0.01)
-
-    def hammer():
-        try:
-            for _ in range(10):
-                run_request(alias, lambda c: c.execute("SELECT pg_sleep(0.002)"))
-        except BaseException as error:  # noqa: BLE001 - collected and asserted below
-            errors.append(error)
-        finally:
-            connections[alias].close()
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    workers = [threading.Thread(target=hammer) for _ in range(64)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    done.set()
-    sampler.join()
+    peak, errors = hammer(
+        alias, 64, 10, lambda c: c.execute("SELECT pg_sleep(0.002)"), lambda: monitor.count(app)
+    )
     (stats,) = pool_stats(alias)
     print(
         f"64 threads x 10 requests: peak server connections {peak}, cap {cap}, "

@@ -2,52 +2,26 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from urllib.parse import quote
 
 import dj_database_url
+import django_postgrespool_dburl as dburl
 from django.db import connections
 from django.test import override_settings
-
-import django_postgrespool_dburl as dburl
 from django_postgrespool import close_pools, pool_stats
+
 from tests.support.pgcluster import free_port
-from tests.support.requests import backend_pid, run_request
+from tests.support.requests import backend_pid, hammer, run_request
 from tests.support.settings import unique_name
 
 
 def run_threads(alias: str, monitor, app: str, threads: int, requests: int) -> tuple[int, list]:
     """Run ``threads`` × ``requests`` requests at once; return (peak server sessions, errors)."""
-    errors: list[BaseException] = []
-    peak = 0
-    done = threading.Event()
-
-    def sample():
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, monitor.count(app))
-            time.sleep(0.005)
-
-    def hammer():
-        try:
-            for _ in range(requests):
-                run_request(alias, lambda c: c.execute("SELECT pg_sleep(0.02)"))
-        except BaseException as error:  # noqa: BLE001 - asserted by the caller
-            errors.append(error)
-        finally:
-            connections[alias].close()
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    workers = [threading.Thread(target=hammer) for _ in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    done.set()
-    sampler.join()
-    return peak, errors
+    return hammer(
+        alias, threads, requests,
+        lambda c: c.execute("SELECT pg_sleep(0.02)"),
+        lambda: monitor.count(app),
+    )
 
 
 def test_project_configured_by_config_reuses_one_backend_across_requests(

@@ -42,3 +42,48 @@ def hold_at_once(alias: str, count: int) -> None:
         thread.start()
     for thread in threads:
         thread.join()
+
+
+def hammer(
+    alias: str,
+    threads: int,
+    requests: int,
+    body: Callable[[Any], Any],
+    count_sessions: Callable[[], int],
+) -> tuple[int, list[BaseException]]:
+    """Run ``threads`` × ``requests`` requests at once; return (peak server sessions, errors).
+
+    ``count_sessions`` is sampled every 5 ms while the requests run.
+    """
+    import threading
+    import time
+
+    errors: list[BaseException] = []
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, count_sessions())
+            time.sleep(0.005)
+
+    def work() -> None:
+        try:
+            for _ in range(requests):
+                run_request(alias, body)
+        except BaseException as error:  # noqa: BLE001 - returned to the caller
+            errors.append(error)
+        finally:
+            connections[alias].close()
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    done.set()
+    sampler.join()
+    return peak, errors
