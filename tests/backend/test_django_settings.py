@@ -50,6 +50,7 @@ def test_conn_health_checks_pings_at_checkout(pooled_alias, monitor):
     (stats,) = pool_stats(alias)
     assert stats["pre_ping"] is True
     monitor.terminate(app)
+    monitor.settled_count(app, 0)
     # With a ping at checkout, even a connection whose socket looks fine
     # (no time to notice) is verified before use: no failed request.
     assert backend_pid(alias) != first

@@ -16,7 +16,8 @@ def test_terminated_backend_is_replaced_without_a_failed_request(pooled_alias, m
     alias, app = pooled_alias(pool_options={"pre_ping": pre_ping})
     first = backend_pid(alias)
     assert monitor.terminate(app) == 1
-    time.sleep(0.05)  # let the server close the socket
+    monitor.settled_count(app, 0)  # the backend has exited: its socket is closed
+    time.sleep(0.02)
     second = backend_pid(alias)
     assert second != first
     (stats,) = pool_stats(alias)
@@ -31,7 +32,8 @@ def test_terminated_backend_without_health_check_fails_one_request_then_is_repla
     alias, app = pooled_alias(pool_options={"pre_ping": False})
     first = backend_pid(alias)
     monitor.terminate(app)
-    time.sleep(0.05)
+    monitor.settled_count(app, 0)
+    time.sleep(0.02)
     with pytest.raises(OperationalError):
         backend_pid(alias)
     second = backend_pid(alias)
@@ -51,7 +53,8 @@ def test_after_a_lost_connection_older_ones_are_pinged_not_handed_out_to_fail(
     hold_at_once(alias, 3)
     assert monitor.settled_count(app, 3) == 3
     monitor.terminate(app)
-    time.sleep(0.05)
+    monitor.settled_count(app, 0)
+    time.sleep(0.02)
     failures = 0
     for _ in range(4):
         try:
