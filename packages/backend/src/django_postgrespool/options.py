@@ -43,6 +43,8 @@ class PoolOptions:
     pre_ping: PrePing = "socket"
     use_lifo: bool = False
     reset: ResetMode = "rollback"
+    max_idle: float | None = None
+    leak_timeout: float | None = None
 
     @property
     def max_connections(self) -> int:
@@ -98,6 +100,16 @@ def _recycle(value: object) -> float | None:
         raise _Invalid(expected) from None
 
 
+def _optional_seconds(value: object) -> float | None:
+    expected = "a number of seconds > 0, or None (off)"
+    if value is None or (isinstance(value, str) and value.strip().lower() in _NEVER | {"off"}):
+        return None
+    try:
+        return _seconds(value)
+    except _Invalid:
+        raise _Invalid(expected) from None
+
+
 def _bool(value: object) -> bool:
     if isinstance(value, bool):
         return value
@@ -139,6 +151,8 @@ _NORMALIZERS: dict[str, Any] = {
     "pre_ping": _pre_ping,
     "use_lifo": _bool,
     "reset": _reset,
+    "max_idle": _optional_seconds,
+    "leak_timeout": _optional_seconds,
 }
 assert set(_NORMALIZERS) == set(POOL_OPTION_NAMES)
 

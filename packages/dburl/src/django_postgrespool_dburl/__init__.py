@@ -78,6 +78,8 @@ class PoolArgs(TypedDict, total=False):
     pre_ping: bool | str
     use_lifo: bool | str
     reset: str
+    max_idle: float | str | None
+    leak_timeout: float | str | None
 
 
 class PooledDBConfig(dj_database_url.DBConfig, total=False):
