@@ -94,7 +94,7 @@ def test_invalid_pool_options_are_reported_by_check(pooled_alias) -> None:
     assert budget.check_budget_against_setting() == [
         checks.Error(
             "DATABASES['pooled']['POOL_OPTIONS']: unknown pool option 'poolsize' (did you mean "
-            "'pool_size'?). Valid options: max_overflow, pool_size, pre_ping, recycle, reset, "
+            "'pool_size'?). Valid options: leak_timeout, max_idle, max_overflow, pool_size, pre_ping, recycle, reset, "
             "timeout, use_lifo.",
             hint="Fix the pool options. See README.rst, section 'Pool options'.",
             id="postgrespool.E005",

@@ -56,8 +56,13 @@ def test_pgpool_reports_an_unreachable_server_without_the_password(example_db: E
     url = re.sub(r":\d+/", ":1/", example_db.url)
     result = manage(url, "pgpool", "--database", "default")
     assert result.returncode == 1
-    assert result.stderr.startswith(
-        "CommandError: Could not check out a connection of alias 'default': OperationalError: "
+    # the pool's warning (logged), then the command's error
+    assert "Cannot connect to database alias 'default' at 127.0.0.1:1 (OperationalError: " in (
+        result.stderr
+    )
+    assert (
+        "\nCommandError: Could not check out a connection of alias 'default': OperationalError: "
+        in result.stderr
     )
     assert PASSWORD not in result.stderr + result.stdout
 

@@ -11,9 +11,11 @@ __all__ = [
     "PoolOptions",
     "PoolStats",
     "PoolTimeout",
+    "checkout_info",
     "close_pools",
     "normalize_pool_options",
     "pool_stats",
+    "prewarm",
 ]
 
 _LAZY = {
@@ -25,6 +27,8 @@ _LAZY = {
     "PoolStats": "django_postgrespool.pool",
     "close_pools": "django_postgrespool.registry",
     "pool_stats": "django_postgrespool.registry",
+    "checkout_info": "django_postgrespool.backend",
+    "prewarm": "django_postgrespool.backend",
 }
 
 

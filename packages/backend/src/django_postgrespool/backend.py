@@ -9,8 +9,10 @@ into, the pool of :mod:`django_postgrespool.pool`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Hashable
-from typing import Any
+from threading import current_thread
+from typing import Any, TypedDict
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
@@ -18,13 +20,30 @@ from django.db import connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.backends.postgresql import base as postgresql_base
 from django.db.backends.postgresql.creation import DatabaseCreation as PostgreSQLCreation
-from sqlalchemy.pool import PoolProxiedConnection
+from django.views.decorators.debug import sensitive_variables
 
 from django_postgrespool import registry
+from django_postgrespool.errors import PoolError
 from django_postgrespool.options import POOL_OPTION_NAMES, resolve_pool_options
-from django_postgrespool.pool import _CONFIGURED, _ISOLATION, ConnectionPool, Target
+from django_postgrespool.pool import ConnectionPool, Lease, Target
 
-__all__ = ["DatabaseCreation", "DatabaseWrapper", "PooledDatabaseWrapperMixin"]
+__all__ = [
+    "CheckoutInfo",
+    "DatabaseCreation",
+    "DatabaseWrapper",
+    "PooledDatabaseWrapperMixin",
+    "checkout_info",
+]
+
+
+class CheckoutInfo(TypedDict):
+    """One thread's current or last checkout of an alias (``checkout_info()``)."""
+
+    alias: str
+    source: str  # "affinity", "idle", "handoff", "new" or "reclaimed"
+    wait: float  # seconds from asking to having the connection
+    held: float  # seconds held so far, or until given back
+    returned: bool
 
 
 def _freeze(value: Any) -> Hashable:
@@ -62,10 +81,15 @@ class PooledDatabaseWrapperMixin:
     """Turn a PostgreSQL ``DatabaseWrapper`` into a pooled one."""
 
     creation_class = DatabaseCreation
-    _pool_connection: PoolProxiedConnection | None = None
     _pool: ConnectionPool | None = None
+    _pool_key_cached: Hashable = None
+    _lease: Lease | None = None  # checked out now
+    _last_lease: Lease | None = None  # checked out last: tried first (thread affinity)
+    _new_lease: Lease | None = None  # for get_new_connection, during connect()
     _options_key: tuple[Any, Any, Hashable] | None = None
     _discard_reason: str | None = None
+    _checkout: tuple[str, float, float] | None = None  # (source, wait, borrowed at)
+    _checkout_returned_at: float | None = None
 
     # Django's own pool (OPTIONS['pool'], Django >= 5.1) is never used.
     pool = None
@@ -85,12 +109,81 @@ class PooledDatabaseWrapperMixin:
             params.pop(name, None)
         return params
 
+    def connect(self) -> None:  # ensure_connection(), its caller, is @async_unsafe
+        """Borrow a connection; run Django's connect path only for a new physical one."""
+        # Django's connect() opens a connection, then sets it up (autocommit,
+        # time zone, role) and sends connection_created. A pooled physical
+        # connection had all that done when it was opened, and checkin
+        # restored autocommit: taking it back only needs the per-connect
+        # state that connect() resets.
+        pool = self._current_pool()
+        lease = pool.checkout(
+            self._open_physical_connection,
+            self._last_lease,
+            None if self.allow_thread_sharing else current_thread(),  # type: ignore[attr-defined]
+        )
+        self._lease = self._last_lease = lease
+        self._checkout = (lease.source, lease.wait, lease.borrowed_at)
+        self._checkout_returned_at = None
+        if lease.configured:
+            self.in_atomic_block = False
+            self.savepoint_ids: list[str] = []
+            self.atomic_blocks: list[Any] = []
+            self.needs_rollback = False
+            settings_dict = self.settings_dict  # type: ignore[attr-defined]
+            self.health_check_enabled = settings_dict["CONN_HEALTH_CHECKS"]
+            max_age = settings_dict["CONN_MAX_AGE"]
+            self.close_at = None if max_age is None else time.monotonic() + max_age
+            self.closed_in_transaction = False
+            self.errors_occurred = False
+            self.health_check_done = True
+            self.connection = lease.raw
+            self.isolation_level = lease.isolation_level
+            self.autocommit = settings_dict["AUTOCOMMIT"]
+            self.run_on_commit: list[Any] = []
+            return
+        self._connect_new(lease)
+
+    @sensitive_variables()
+    def _connect_new(self, lease: Lease) -> None:
+        # A connection never set up (new, or reset by DISCARD ALL): Django's
+        # whole connect path, get_new_connection() returning this lease's.
+        self._new_lease = lease
+        try:
+            super().connect()  # type: ignore[misc]
+        except BaseException:
+            self._lease = self._new_lease = None
+            lease.pool.discard(lease, "Django's connection setup failed on it")
+            self.connection = None
+            raise
+        lease.configured = True
+
+    @sensitive_variables()
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
-        pool = registry.get_pool(self._pool_key(), self._build_pool)
-        conn = pool.checkout(self, conn_params)
-        self._pool, self._pool_connection = pool, conn
-        self.isolation_level = conn.info[_ISOLATION]
-        return conn.dbapi_connection
+        lease = self._new_lease
+        if lease is None:
+            raise ImproperlyConfigured(
+                f"{type(self).__name__}.get_new_connection() hands out the connection that "
+                f"connect() borrowed from the pool; call connect() instead."
+            )
+        self._new_lease = None
+        if lease.isolation_level is None:  # opened by this very checkout
+            lease.isolation_level = self.isolation_level
+        else:
+            self.isolation_level = lease.isolation_level
+        return lease.raw
+
+    @sensitive_variables()
+    def _open_physical_connection(self) -> Any:
+        """Open a new physical connection the way Django would without a pool."""
+        return super().get_new_connection(self.get_connection_params())  # type: ignore[misc]
+
+    def create_cursor(self, name: str | None = None) -> Any:
+        cursor = super().create_cursor(name)  # type: ignore[misc]
+        lease = self._lease
+        if lease is not None:
+            lease.track(cursor)  # closed when the connection is given back
+        return cursor
 
     def _set_autocommit(self, autocommit: bool) -> None:
         # Checkin already restored the AUTOCOMMIT setting; don't pay the
@@ -98,39 +191,24 @@ class PooledDatabaseWrapperMixin:
         if self.connection.autocommit != autocommit:  # type: ignore[attr-defined]
             super()._set_autocommit(autocommit)  # type: ignore[misc]
 
-    def _create_physical_connection(self, conn_params: dict[str, Any]) -> Any:
-        """Open a new physical connection the way Django would without a pool."""
-        return super().get_new_connection(conn_params)  # type: ignore[misc]
-
-    def init_connection_state(self) -> None:
-        conn = self._pool_connection
-        if conn is not None and conn.info.get(_CONFIGURED):
-            # The session (time zone, role) was set up when this physical
-            # connection was opened; only the once-per-alias checks remain.
-            BaseDatabaseWrapper.init_connection_state(self)  # type: ignore[arg-type]
-            return
-        super().init_connection_state()  # type: ignore[misc]
-        if conn is not None:
-            conn.info[_CONFIGURED] = True
-
     def _close(self) -> None:
-        conn, pool = self._pool_connection, self._pool
-        if conn is None:
-            if pool is None:  # a connection this wrapper did not borrow
+        lease = self._lease
+        if lease is None:
+            if self._last_lease is None:  # a connection this wrapper did not borrow
                 super()._close()  # type: ignore[misc]
             # else: already returned; self.connection is the pool's now.
             return
-        self._pool_connection = None
+        self._lease = None
+        self._checkout_returned_at = time.monotonic()
         if self.in_atomic_block:  # type: ignore[attr-defined]
             # Django keeps self.connection after a close inside an atomic
             # block (closed_in_transaction); it must not be lent to anyone.
-            pool.discard(conn, "it was closed inside an atomic block")
+            lease.pool.discard(lease, "it was closed inside an atomic block")
             return
         if self._discard_reason is not None:
-            pool.discard(conn, self._discard_reason)
+            lease.pool.discard(lease, self._discard_reason)
         else:
-            with self.wrap_database_errors:  # type: ignore[attr-defined]
-                pool.checkin(conn)
+            lease.pool.checkin(lease)  # raises nothing: a failed reset discards
         # Lent to the next borrower from now on (Django's close() clears it
         # too, but _close() may be called alone).
         self.connection = None
@@ -151,22 +229,51 @@ class PooledDatabaseWrapperMixin:
         finally:
             self._discard_reason = None
 
+    def inc_thread_sharing(self) -> None:
+        super().inc_thread_sharing()  # type: ignore[misc]
+        # Used by other threads from now on: never reclaim it when the
+        # thread that borrowed it ends.
+        if self._lease is not None:
+            self._lease.pool.release_owner(self._lease)
+
     def close_pool(self) -> None:
         """Close every pool of this alias in this process (Django >= 5.1 API)."""
         registry.close_pools(alias=self.alias)  # type: ignore[attr-defined]
 
+    def checkout_info(self) -> CheckoutInfo | None:
+        """Describe this wrapper's current (or last) checkout."""
+        if self._checkout is None:
+            return None
+        source, wait, borrowed_at = self._checkout
+        returned = self._checkout_returned_at
+        return CheckoutInfo(
+            alias=self.alias,  # type: ignore[attr-defined]
+            source=source,
+            wait=wait,
+            held=(time.monotonic() if returned is None else returned) - borrowed_at,
+            returned=returned is not None,
+        )
+
     def _forget_after_fork(self) -> None:
         # The physical connection belongs to the parent process.
-        self._pool_connection = self._pool = None
+        self._lease = self._last_lease = self._new_lease = self._pool = None
         self.connection = None
         self.in_atomic_block = False
         self.closed_in_transaction = False
         self.needs_rollback = False
-        self.savepoint_ids: list[str] = []
-        self.atomic_blocks: list[Any] = []
-        self.run_on_commit: list[Any] = []
+        self.savepoint_ids = []
+        self.atomic_blocks = []
+        self.run_on_commit = []
 
     # -- pools ------------------------------------------------------------
+
+    def _current_pool(self) -> ConnectionPool:
+        pool = self._pool
+        key = self._pool_key()
+        if pool is None or pool.closed or key != self._pool_key_cached:
+            pool = registry.get_pool(key, self._build_pool)
+            self._pool, self._pool_key_cached = pool, key
+        return pool
 
     def _pool_key(self) -> Hashable:
         # Everything a physical connection depends on; conn_params derive
@@ -191,6 +298,7 @@ class PooledDatabaseWrapperMixin:
             settings.USE_TZ,
         )
 
+    @sensitive_variables()
     def _build_pool(self) -> ConnectionPool:
         alias: str = self.alias  # type: ignore[attr-defined]
         settings_dict = self.settings_dict  # type: ignore[attr-defined]
@@ -203,13 +311,70 @@ class PooledDatabaseWrapperMixin:
             port=str(settings_dict["PORT"] or "5432"),
             user=str(settings_dict["USER"] or "(default)"),
         )
-        return ConnectionPool(alias, options, target, autocommit=settings_dict["AUTOCOMMIT"])
+        attrs = str(settings_dict["OPTIONS"].get("target_session_attrs", "")).lower()
+        return ConnectionPool(
+            alias,
+            options,
+            target,
+            autocommit=settings_dict["AUTOCOMMIT"],
+            connect_errors=(self.Database.OperationalError,),  # type: ignore[attr-defined]
+            require_primary=attrs in ("read-write", "primary"),
+        )
 
 
 class DatabaseWrapper(  # type: ignore[misc]
     PooledDatabaseWrapperMixin, postgresql_base.DatabaseWrapper
 ):
     """PostgreSQL, with connections borrowed from a pool."""
+
+
+def checkout_info(alias: str = "default") -> CheckoutInfo | None:
+    """Describe the calling thread's current (or last) checkout of ``alias``."""
+    wrapper = getattr(connections._connections, alias, None)
+    if not isinstance(wrapper, PooledDatabaseWrapperMixin):
+        return None
+    return wrapper.checkout_info()
+
+
+def prewarm(alias: str | None = None) -> dict[str, int]:
+    """Open ``pool_size`` connections of ``alias`` (every pooled alias if None).
+
+    For a worker's start (gunicorn's ``post_worker_init``, celery's
+    ``worker_process_init``): the first requests find connections ready, and
+    a server that cannot be reached is reported at once. Return how many
+    connections each alias's pool has open.
+    """
+    aliases = [alias] if alias is not None else list(connections.settings)
+    opened: dict[str, int] = {}
+    for name in aliases:
+        first = connections.create_connection(name)
+        if not isinstance(first, PooledDatabaseWrapperMixin):
+            if alias is not None:
+                raise ImproperlyConfigured(
+                    f"prewarm({alias!r}): database alias {alias!r} does not use a pooled ENGINE."
+                )
+            continue
+        pool = first._current_pool()
+        wrappers = [first] + [
+            connections.create_connection(name) for _ in range(pool.options.pool_size - 1)
+        ]
+        try:
+            for wrapper in wrappers:
+                try:
+                    wrapper.ensure_connection()  # type: ignore[attr-defined]
+                except Exception as error:
+                    t = pool.target
+                    raise PoolError(
+                        f"prewarm: cannot open the {pool.options.pool_size} connection(s) of "
+                        f"database alias {name!r} at {t['host']}:{t['port']} "
+                        f"(database {t['database']!r}, user {t['user']!r}): "
+                        f"{type(error).__name__}: {str(error).strip()}"
+                    ) from error
+        finally:
+            for wrapper in wrappers:
+                wrapper.close()  # type: ignore[attr-defined]
+        opened[name] = pool.stats()["size"]
+    return opened
 
 
 def _forget_parent_connections() -> None:

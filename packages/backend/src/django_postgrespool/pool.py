@@ -1,59 +1,88 @@
-"""The pool lifecycle: checkout, checkin, reset, invalidate, dispose.
+"""The pool lifecycle, top to bottom: open, check out, check in, reset, retire.
 
-A physical connection passes through these states, and only these::
+SQLAlchemy's ``QueuePool`` owns the physical connections: it makes them
+(through the callable the borrower gives, which opens a connection the way
+Django would), it holds the cap (``pool_size + max_overflow``), and it closes
+them when told to. Everything it hands out stays checked out of it for as long
+as the connection lives; it is this module's :class:`Lease` that lends the
+connection to one borrower after another. QueuePool's own queue therefore
+holds only what this module retired (an empty slot, reopened on demand) or
+never used. Each thing is counted once: the cap and the open connections by
+QueuePool, the borrowers, the waiters and the timeout here.
 
-    created ──(Django's session setup, once)──▶ checked out
-    checked out ──checkin: reset──▶ idle ──checkout: health check──▶ checked out
-    checked out ──checkin: reset, a checkout is waiting──▶ checked out (the waiter's)
-    checked out ──broken / reset failed / pool closed──▶ discarded
-    idle ──older than ``recycle`` / failed health check──▶ discarded
+A lease passes through these states, and only these::
 
-Creating a physical connection is Django's job: the pool calls back into the
-``DatabaseWrapper`` that asked for a connection (``get_new_connection``), so
-every driver-specific setup Django does still happens. SQLAlchemy's
-``QueuePool`` does the queueing, the cap and the waiting.
+    (QueuePool makes it) ─▶ IN_USE ──checkin: cursors closed, reset──▶ IDLE
+    IDLE ──checkout: recycle age and health check──▶ IN_USE
+    IN_USE ──checkin while a checkout waits──▶ IN_USE (the waiter's: a hand-off)
+    IN_USE ──its borrower's thread ended, pool at its cap──▶ RESERVED ──reset──▶ IN_USE
+    any ──broken, failed check, too old, beyond pool_size, pool retired──▶ GONE (closed)
+
+Where idle leases live: in ``_idle``, a dict used as an ordered set. Claiming a
+lease is ``_idle.pop(lease)``, which one thread only can win (the GIL makes it
+the compare-and-set of HikariCP's ``ConcurrentBag``): a borrower first asks for
+the lease it used last (thread affinity: no trip through a queue, and none of
+Django's per-connection setup again), then for any idle lease, then QueuePool
+for a new connection, and only at the cap does it wait, in FIFO order, for a
+direct hand-off. One lock guards the waiters and the hand-off; checkouts and
+checkins that find nobody waiting never take it.
+
+Nothing here runs on a garbage-collection path: no SQLAlchemy event listener
+and no finalizer is registered, and every lease keeps its SQLAlchemy proxy
+alive until this module closes it.
 """
 
 from __future__ import annotations
 
+import bisect
+import functools
 import logging
+import operator
 import os
-from collections import deque
+import random
 import select
 import threading
 import time
+import traceback
 import weakref
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypedDict, cast
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any, TypedDict
 
-from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import PoolProxiedConnection, QueuePool
 
 from django_postgrespool.errors import PoolError, PoolTimeout
 from django_postgrespool.options import PoolOptions
 
-if TYPE_CHECKING:
-    from django_postgrespool.backend import PooledDatabaseWrapperMixin
-
-__all__ = ["ConnectionPool", "PoolStats", "Target"]
+__all__ = ["TIME_BUCKETS", "ConnectionPool", "HistogramSnapshot", "Lease", "PoolStats", "Target"]
 
 logger = logging.getLogger("django_postgrespool")
 
 # libpq's PGTransactionStatusType, the same numbers in psycopg2 and psycopg 3.
 _IDLE, _ACTIVE, _INTRANS, _INERROR, _UNKNOWN = range(5)
 
-# Keys of the per-physical-connection ``info`` dict (SQLAlchemy clears it
-# whenever the physical connection is replaced).
-_BORN = "django_postgrespool.born"
-_VERIFIED = "django_postgrespool.verified"
-_CONFIGURED = "django_postgrespool.configured"
-_ISOLATION = "django_postgrespool.isolation_level"
-_DISCARDED = "django_postgrespool.discarded"
-_RESET_DONE = "django_postgrespool.reset_done"
-_POLLER = "django_postgrespool.poller"
+# Lease states (compared by identity).
+IDLE = "idle"
+IN_USE = "in use"
+RESERVED = "reserved"
+GONE = "gone"
+
+# Upper bounds, in seconds, of the wait/use/create histograms: the buckets the
+# OpenTelemetry semantic conventions advise for db.client.connection.*_time.
+TIME_BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
 
 WAIT_WARNING_INTERVAL = 10.0
+# A waiting checkout looks for connections of ended threads this often.
+_RECLAIM_INTERVAL = 0.25
+# Reconnect backoff: the first pause after a failed connection attempt, and
+# the longest (a server that is back serves within this of accepting).
+_BACKOFF_FIRST = 0.1
+_BACKOFF_MAX = 1.0
+# Each connection's recycle age is shortened by up to this fraction, so that
+# connections opened together are not all replaced in the same second.
+_RECYCLE_SPREAD = 0.05
+_CURSORS_KEPT = 64  # prune closed cursors from a lease's list beyond this
 
 
 class Target(TypedDict):
@@ -63,6 +92,15 @@ class Target(TypedDict):
     host: str
     port: str
     user: str
+
+
+class HistogramSnapshot(TypedDict):
+    """Fixed-bucket counts: ``counts[i]`` observations in (buckets[i-1], buckets[i]]."""
+
+    buckets: list[float]
+    counts: list[int]
+    sum: float
+    count: int
 
 
 class PoolStats(TypedDict):
@@ -80,47 +118,152 @@ class PoolStats(TypedDict):
     recycle: float | None
     pre_ping: bool | str
     reset: str
+    max_idle: float | None
+    leak_timeout: float | None
+    retired: bool
     size: int
     idle: int
     checked_out: int
     overflow: int
+    waiting: int
     peak_checked_out: int
     checkouts: int
+    affinity_hits: int
+    handoffs: int
+    reclaimed: int
     waits: int
     timeouts: int
+    leaks: int
     opened: int
     recycled: int
     invalidated: int
     closed: int
+    connect_failures: int
+    backoff_until: float | None
+    last_connect_error: str | None
+    wait_time: float
+    use_time: float
+    create_time: float
+    wait_time_histogram: HistogramSnapshot
+    use_time_histogram: HistogramSnapshot
+    create_time_histogram: HistogramSnapshot
 
 
-class _Asking(threading.local):
-    # The wrapper (and its connection parameters) whose checkout is running
-    # in this thread: QueuePool calls the creator synchronously from
-    # ``connect()``, so a new physical connection is always made by the
-    # wrapper that asked for it, never by the one that created the pool.
-    wrapper: PooledDatabaseWrapperMixin | None = None
-    params: dict[str, Any] | None = None
+class _Histogram:
+    """Counts per fixed bucket and a running sum: no allocation per observation."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(TIME_BUCKETS) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(TIME_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+    def snapshot(self) -> HistogramSnapshot:
+        counts = list(self.counts)
+        return HistogramSnapshot(
+            buckets=list(TIME_BUCKETS), counts=counts, sum=self.total, count=sum(counts)
+        )
 
 
-_asking = _Asking()
+class Lease:
+    """One physical connection of a pool, and who has it."""
+
+    __slots__ = (
+        "__weakref__",
+        "borrowed_at",
+        "born",
+        "configured",
+        "cursors",
+        "expires",
+        "fairy",
+        "isolation_level",
+        "leak_stack",
+        "leak_warned",
+        "owner",
+        "poller",
+        "pool",
+        "raw",
+        "returned_at",
+        "source",
+        "state",
+        "status",
+        "verified",
+        "wait",
+    )
+
+    def __init__(self, pool: ConnectionPool, fairy: PoolProxiedConnection, lifetime: float) -> None:
+        now = time.monotonic()
+        self.pool = pool
+        self.fairy = fairy  # SQLAlchemy's proxy, kept checked out until the lease is GONE
+        self.raw: Any = fairy.dbapi_connection
+        self.status = _status_reader(self.raw)  # libpq's transaction status, cheaply
+        self.state = IN_USE
+        self.born = self.verified = self.borrowed_at = self.returned_at = now
+        self.expires = now + lifetime
+        # Set by the borrower: Django's per-connection setup is done (and is
+        # not redone at the next checkout), and the isolation level it found.
+        self.configured = False
+        self.isolation_level: Any = None
+        # The thread that has it; None while idle, or when it must never be
+        # reclaimed (a connection shared between threads).
+        self.owner: threading.Thread | None = None
+        self.cursors: list[Any] = []  # opened during the current checkout
+        self.source = "new"
+        self.wait = 0.0
+        self.poller: Any = None
+        self.leak_warned = False
+        self.leak_stack: list[str] | None = None
+
+    def __repr__(self) -> str:
+        return f"<Lease {self.state} of {self.pool!r}>"
+
+    def track(self, cursor: Any) -> None:
+        """Remember ``cursor``: it is closed when the connection is given back."""
+        cursors = self.cursors
+        cursors.append(cursor)
+        if len(cursors) > _CURSORS_KEPT:
+            self.cursors = [c for c in cursors if not c.closed]
 
 
 class _Waiter:
-    """A checkout waiting at the cap: it is handed a connection, or a free slot."""
+    """A checkout waiting at the cap, woken by a hand-off."""
 
-    __slots__ = ("conn", "event")
+    __slots__ = ("lease", "served", "wakeup")
 
     def __init__(self) -> None:
-        self.event = threading.Event()
-        self.conn: PoolProxiedConnection | None = None
+        # A plain lock, held until the hand-off releases it: the cheapest
+        # wake-up there is (an Event is a Condition, a Lock and a flag).
+        self.wakeup = threading.Lock()
+        self.wakeup.acquire()
+        self.served = False  # read and written under the pool's lock only
+        self.lease: Lease | None = None  # None when served: room for a new connection
+
+
+class _Opening(threading.local):
+    # QueuePool calls its creator synchronously inside connect(): the callable
+    # of the checkout running in this thread.
+    open: Callable[[], Any] | None = None
+
+
+_opening = _Opening()
 
 
 class ConnectionPool:
     """One pool of physical connections for one (process, alias, parameters)."""
 
     def __init__(
-        self, alias: str, options: PoolOptions, target: Target, *, autocommit: bool = True
+        self,
+        alias: str,
+        options: PoolOptions,
+        target: Target,
+        *,
+        autocommit: bool = True,
+        connect_errors: tuple[type[BaseException], ...] = (),
+        require_primary: bool = False,
     ) -> None:
         self.alias = alias
         self.autocommit = autocommit
@@ -128,40 +271,61 @@ class ConnectionPool:
         self.target = target
         self.pid = os.getpid()
         self.closed = False
-        self._cap = options.max_connections
+        self.retired = False
         self._pre_ping = options.pre_ping
+        self._lifo = options.use_lifo
         self._discard_all = options.reset == "discard"
-        # Connections that were opened before the last disconnect this pool
-        # saw get a real ping at their next checkout (see _is_alive).
+        self._connect_errors = connect_errors
+        # With target_session_attrs=read-write, a ping also proves the server
+        # is not (or no longer) in recovery.
+        self._ping_sql = (
+            "SELECT NOT pg_is_in_recovery()" if require_primary else "SELECT true"
+        )
+        # Connections opened before the last disconnect this pool saw get a
+        # real ping at their next checkout (see _check).
         self._suspect_before = float("-inf")
-        # Every physical connection this pool made, so that a forked child can
-        # detach their sockets without closing them (see abandon_after_fork).
-        self._physical: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._counts_lock = threading.Lock()
-        # Slots: connections checked out or being checked out, <= the cap.
-        # A connection returned while checkouts wait goes straight to the
-        # oldest of them (first come, first served) instead of back through
-        # SQLAlchemy's queue, where the woken thread would race the running
-        # ones for it. The lock guards _in_use and _waiters only.
+
+        self._leases: set[Lease] = set()  # every open connection: idle, in use, reserved
+        self._idle: dict[Lease, bool] = {}  # idle ones, oldest returned first
+        # The one lock: guards _waiters and every hand-off, and _leases.
         self._lock = threading.Lock()
-        self._in_use = 0
         self._waiters: deque[_Waiter] = deque()
-        self._opened = self._closed_count = self._recycled = self._invalidated = 0
-        self._checkouts = self._waits = self._timeouts = self._peak = 0
+        self._room = 0  # bumped whenever a connection closes: room under the cap
+        # Reconnect backoff (see _open).
+        self._failing = False
+        self._attempting = False
+        self._backoff_delay = 0.0
+        self._backoff_until = float("-inf")
+        self._last_error: str | None = None
+        self._last_failure_at = 0.0
+        self._next_reclaim = float("-inf")
+        # max_idle: the fewest idle connections seen since the last sweep.
+        self._idle_low = 0
+        self._next_sweep = time.monotonic() + (options.max_idle or 0.0)
+
+        self._opened = self._closed = self._recycled = self._invalidated = 0
+        self._checkouts = self._affinity = self._handoffs = self._reclaimed = 0
+        self._waits = self._timeouts = self._leaks = self._connect_failures = 0
+        self._peak = 0
+        self._wait_hist, self._use_hist, self._create_hist = (
+            _Histogram(),
+            _Histogram(),
+            _Histogram(),
+        )
         self._last_wait_warning = float("-inf")
         self._waits_warned = 0
         self._queue = QueuePool(
-            cast(Any, self._create),
+            _create,
             pool_size=options.pool_size,
             max_overflow=options.max_overflow,
-            timeout=options.timeout,
-            recycle=-1 if options.recycle is None else int(options.recycle),
+            # At the cap QueuePool says so at once; waiting is done here.
+            timeout=0,
+            recycle=-1,  # each lease has its own, spread, recycle age
             use_lifo=options.use_lifo,
-            # Resetting is done here (see _on_reset), not by SQLAlchemy.
-            reset_on_return=None,
+            reset_on_return=None,  # reset is done here, at checkin
         )
-        event.listen(self._queue, "close", self._on_close)
-        event.listen(self._queue, "reset", self._on_reset)
+        if options.leak_timeout is not None or options.max_idle is not None:
+            _housekeeper.watch(self)
 
     def __repr__(self) -> str:
         t = self.target
@@ -172,115 +336,242 @@ class ConnectionPool:
             f"{' closed' if self.closed else ''}>"
         )
 
-    # -- creation ---------------------------------------------------------
-
-    def _create(self, record: Any) -> Any:
-        wrapper, params = _asking.wrapper, _asking.params
-        if wrapper is None or params is None:
-            raise PoolError(f"{self!r} was asked for a connection outside of a checkout.")
-        raw = wrapper._create_physical_connection(params)
-        info = record.info
-        info[_BORN] = time.monotonic()
-        info[_ISOLATION] = wrapper.isolation_level
-        if self._pre_ping == "socket":
-            poller = select.poll()
-            poller.register(raw.fileno(), select.POLLIN | select.POLLPRI)
-            info[_POLLER] = poller
-        self._physical.add(raw)
-        with self._counts_lock:
-            self._opened += 1
-        return raw
-
-    def _on_close(self, raw: Any, record: Any) -> None:
-        info = record.info
-        recycle = self.options.recycle
-        with self._counts_lock:
-            self._closed_count += 1
-            if (
-                not info.get(_DISCARDED)
-                and recycle is not None
-                and _BORN in info
-                and time.monotonic() - info[_BORN] > recycle
-            ):
-                self._recycled += 1
-
     # -- checkout ---------------------------------------------------------
 
     def checkout(
-        self, wrapper: PooledDatabaseWrapperMixin, params: dict[str, Any]
-    ) -> PoolProxiedConnection:
-        """Return a checked-out connection, creating one through ``wrapper`` if needed."""
-        conn = self._acquire()  # a connection handed over, or None: a free slot
-        _asking.wrapper, _asking.params = wrapper, params
-        try:
-            # Bounded: a failed health check marks every older connection as
-            # suspect, so each further round either verifies one or opens one.
-            for _ in range(self._cap + 2):
-                if conn is None:
-                    conn = self._connect()
-                info = conn.info
-                # A connection made by this very checkout needs no check.
-                if _CONFIGURED not in info or self._is_alive(conn, info):
-                    self._checkouts += 1
-                    return conn
+        self,
+        open_connection: Callable[[], Any],
+        prefer: Lease | None = None,
+        owner: threading.Thread | None = None,
+    ) -> Lease:
+        """Lend a connection: ``prefer`` if it is idle, else any idle one, else a new one.
+
+        ``open_connection()`` opens a physical connection the way Django
+        would; it is called only when a new one is needed, in this thread.
+        At the cap, wait up to ``timeout`` for a connection to be handed over.
+        ``owner`` is the borrowing thread (None: never reclaim it).
+        """
+        asked = time.monotonic()
+        idle = self._idle
+        if prefer is not None and idle.pop(prefer, False):
+            lease, source = prefer, "affinity"
+        else:
+            lease, source = self._take_idle(), "idle"
+        # Bounded: a failed health check marks every older connection as
+        # suspect, so each further round either verifies one or opens one.
+        for _ in range(self.options.max_connections + 2):
+            if lease is None:
+                lease, source = self._checkout_slow(open_connection, asked)
+            problem = None if source == "new" else self._check(lease)
+            if problem is None:
+                now = time.monotonic()
+                lease.state = IN_USE
+                lease.owner = owner
+                lease.source = source
+                lease.borrowed_at = now
+                lease.wait = wait = now - asked
+                self._wait_hist.observe(wait)
+                self._checkouts += 1
+                if source == "affinity":
+                    self._affinity += 1
+                used = len(self._leases) - len(idle)
+                if used > self._peak:
+                    self._peak = used
+                if self.options.max_idle is not None and len(idle) < self._idle_low:
+                    self._idle_low = len(idle)
+                if self.options.leak_timeout is not None:
+                    lease.leak_warned = False
+                    lease.leak_stack = traceback.format_stack()[:-2]
+                return lease
+            if problem is _TOO_OLD:
+                self._retire(lease, None, warn=False, recycled=True)
+            else:
                 self._suspect_before = time.monotonic()
-                self._invalidate(conn, "it failed the health check at checkout")
-                conn = None  # keep the slot, try another connection
-            raise PoolError(f"{self!r} could not find a live connection.")
-        except BaseException:
-            self._release_slot()
+                self._retire(lease, problem)
+            lease, source = self._take_idle(), "idle"
+        raise PoolError(f"{self!r} could not find a live connection.")
+
+    def _take_idle(self) -> Lease | None:
+        """Claim an idle lease, the oldest returned (newest with use_lifo)."""
+        idle = self._idle
+        if self._lifo:
+            try:
+                return idle.popitem()[0]
+            except KeyError:
+                return None
+        while idle:
+            try:
+                lease = next(iter(idle))
+            except (StopIteration, RuntimeError):  # changed under us: look again
+                continue
+            if idle.pop(lease, False):
+                return lease
+        return None
+
+    def _checkout_slow(self, open_connection: Callable[[], Any], asked: float) -> tuple[Lease, str]:
+        """Open a new connection, reclaim an ended thread's, or wait for a hand-off."""
+        deadline = asked + self.options.timeout
+        while True:
+            room = self._room
+            # QueuePool's own count says whether it is at its cap: asking it
+            # for a connection there would only raise, at a price.
+            if self._queue.checkedout() < self.options.max_connections or self._failing:
+                lease = self._open(open_connection)
+                if lease is not None:
+                    return lease, "new"
+            now = time.monotonic()
+            if now >= self._next_reclaim:
+                self._next_reclaim = now + _RECLAIM_INTERVAL / 10
+                lease = self._reclaim_dead()
+                if lease is not None:
+                    return lease, "reclaimed"
+            lease = self._wait(deadline, room)
+            if lease is not None:
+                return lease, "handoff"
+            # None: a connection closed meanwhile, there is room for a new one.
+
+    def _open(self, open_connection: Callable[[], Any]) -> Lease | None:
+        """Open a new connection through QueuePool; None when it is at the cap."""
+        attempting = False
+        if self._failing:
+            # After a failed attempt: fail at once until the backoff is over,
+            # then let one checkout at a time try.
+            now = time.monotonic()
+            with self._lock:
+                if now < self._backoff_until or self._attempting:
+                    raise self._backoff_error(now)
+                self._attempting = attempting = True
+        started = time.monotonic()
+        _opening.open = open_connection
+        try:
+            fairy = self._queue.connect()
+        except sa_exc.TimeoutError:  # at the cap
+            return None
+        except self._connect_errors as error:
+            self._note_connect_failure(error)
             raise
         finally:
-            _asking.wrapper = _asking.params = None
+            _opening.open = None
+            if attempting:
+                self._attempting = False
+        now = time.monotonic()
+        if self._failing:
+            self._failing = False
+            self._backoff_delay = 0.0
+            logger.info("Database alias %r is reachable again.", self.alias)
+        self._create_hist.observe(now - started)
+        recycle = self.options.recycle
+        lifetime = (
+            float("inf")
+            if recycle is None
+            else recycle * (1.0 - _RECYCLE_SPREAD * random.random())
+        )
+        lease = Lease(self, fairy, lifetime)
+        if self._pre_ping == "socket":
+            lease.poller = _poller(lease.raw)
+        with self._lock:
+            self._leases.add(lease)
+        self._opened += 1
+        return lease
 
-    def _connect(self) -> PoolProxiedConnection:
-        # Holding a slot, SQLAlchemy's queue has a connection or room for one,
-        # but for the moment a returned one takes to get back into it.
-        try:
-            return self._queue.connect()
-        except sa_exc.TimeoutError:
-            self._timeouts += 1
-            raise self._timeout_error() from None
+    def _note_connect_failure(self, error: BaseException) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._connect_failures += 1
+            self._failing = True
+            delay = min(_BACKOFF_MAX, max(_BACKOFF_FIRST, self._backoff_delay * 2))
+            self._backoff_delay = delay
+            self._backoff_until = now + delay * random.uniform(0.8, 1.0)
+            self._last_failure_at = now
+            self._last_error = _first_line(error)
+        logger.warning(
+            "Cannot connect to database alias %r at %s:%s (%s); next attempt in %.2fs.",
+            self.alias,
+            self.target["host"],
+            self.target["port"],
+            self._last_error,
+            self._backoff_until - now,
+        )
+
+    def _backoff_error(self, now: float) -> PoolError:
+        t = self.target
+        wait = max(0.0, self._backoff_until - now)
+        when = f"in {wait:.2f}s" if wait > 0 else "now, by another checkout"
+        return PoolError(
+            f"Cannot connect to database alias {self.alias!r} at {t['host']}:{t['port']}: "
+            f"the last attempt, {now - self._last_failure_at:.2f}s ago, failed "
+            f"({self._last_error}). Not trying again yet: the next attempt is {when} "
+            f"(reconnect backoff after {self._connect_failures} failed attempt(s))."
+        )
+
+    def _reclaim_dead(self) -> Lease | None:
+        """Take back a connection whose borrowing thread has ended, reset."""
+        for lease in list(self._leases):
+            owner = lease.owner
+            if lease.state is not IN_USE or owner is None or owner.is_alive():
+                continue
+            with self._lock:  # the compare-and-set: IN_USE → RESERVED
+                if lease.state is not IN_USE or lease.owner is not owner:
+                    continue
+                lease.state = RESERVED
+            logger.warning(
+                "Reclaiming a connection of database alias %r from thread %r, which "
+                "ended without giving it back.",
+                self.alias,
+                owner.name,
+            )
+            problem = self._reset(lease)
+            if problem is not None:
+                self._retire(lease, problem)
+                continue
+            self._reclaimed += 1
+            return lease
+        return None
+
+    def _wait(self, deadline: float, room: int) -> Lease | None:
+        """Wait for a hand-off: a lease, or None for room to open one."""
+        waiter = _Waiter()
+        with self._lock:
+            if self._room != room:
+                return None  # a connection closed since we asked QueuePool
+            lease = self._take_idle()
+            if lease is not None:
+                return lease
+            self._waiters.append(waiter)
+        self._note_wait()
+        while True:
+            remaining = deadline - time.monotonic()
+            reclaimed = None
+            if remaining > 0:
+                if waiter.wakeup.acquire(timeout=min(remaining, _RECLAIM_INTERVAL)):
+                    return waiter.lease
+                # Still waiting: a borrower's thread may have ended meanwhile.
+                reclaimed = self._reclaim_dead()
+                if reclaimed is None:
+                    continue
+            with self._lock:
+                if waiter.served:  # handed over as we gave up: take it
+                    lease = waiter.lease
+                else:
+                    self._waiters.remove(waiter)
+                    if reclaimed is not None:
+                        return reclaimed
+                    self._timeouts += 1
+                    raise self._timeout_error()
+            if reclaimed is not None:  # served twice: keep one, give the other back
+                if lease is None:
+                    return reclaimed
+                self._give_back(reclaimed)
+            return lease
 
     def _timeout_error(self) -> PoolTimeout:
         return PoolTimeout(
             alias=self.alias,
             pool_size=self.options.pool_size,
             max_overflow=self.options.max_overflow,
-            checked_out=self._in_use,
+            checked_out=len(self._leases) - len(self._idle),
             timeout=self.options.timeout,
         )
-
-    def _acquire(self) -> PoolProxiedConnection | None:
-        """Reserve a slot (return None), or wait to be handed a connection or a slot."""
-        with self._lock:
-            if self._in_use < self._cap:
-                self._in_use += 1
-                if self._in_use > self._peak:
-                    self._peak = self._in_use
-                return None
-            waiter = _Waiter()
-            self._waiters.append(waiter)
-        self._note_wait()
-        if not waiter.event.wait(self.options.timeout):
-            with self._lock:
-                try:
-                    self._waiters.remove(waiter)
-                except ValueError:  # served while giving up: take it
-                    pass
-                else:
-                    self._timeouts += 1
-                    raise self._timeout_error()
-        return waiter.conn
-
-    def _release_slot(self) -> None:
-        """Give a slot whose connection is gone to the oldest waiter, or free it."""
-        with self._lock:
-            waiter = self._waiters.popleft() if self._waiters else None
-            if waiter is None:
-                self._in_use -= 1
-        if waiter is not None:
-            waiter.event.set()  # waiter.conn is None: it opens or takes one
 
     def _note_wait(self) -> None:
         self._waits += 1
@@ -294,92 +585,155 @@ class ConnectionPool:
                 "Pool of database alias %r has all %d connections checked out; "
                 "waiting up to %gs for one to be returned (%d wait(s) since the last warning).",
                 self.alias,
-                self._cap,
+                self.options.max_connections,
                 self.options.timeout,
                 waits,
             )
 
-    def _is_alive(self, conn: PoolProxiedConnection, info: dict[str, Any]) -> bool:
+    def _check(self, lease: Lease) -> str | None:
+        """Tell why an idle ``lease`` must not be lent, if it must not."""
+        if time.monotonic() >= lease.expires:
+            return _TOO_OLD
         mode = self._pre_ping
-        if info.get(_VERIFIED, info[_BORN]) < self._suspect_before:
+        if lease.verified < self._suspect_before:
             # Opened before a disconnect this pool saw: ping it once rather
             # than hand it out to fail in its turn.
             mode = True
         if mode is False:
-            return True
-        raw = conn.dbapi_connection
-        if mode == "socket" and not _has_pending_input(raw, info):
-            return True
-        if _ping(raw):
-            info[_VERIFIED] = time.monotonic()
-            return True
-        return False
+            return None
+        if mode == "socket" and not _has_pending_input(lease):
+            return None
+        if self._ping(lease.raw):
+            lease.verified = time.monotonic()
+            return None
+        return "it failed the health check at checkout"
+
+    def _ping(self, raw: Any) -> bool:
+        """Run one round trip on ``raw``; tell whether it worked (and found a primary)."""
+        try:
+            with raw.cursor() as cursor:
+                cursor.execute(self._ping_sql)
+                ok = bool(cursor.fetchone()[0])
+            if raw.info.transaction_status != _IDLE:
+                raw.rollback()
+        except Exception:  # whatever the driver raises, the connection is unusable
+            return False
+        return ok
 
     # -- checkin ----------------------------------------------------------
 
-    def checkin(self, conn: PoolProxiedConnection) -> None:
-        """Reset ``conn`` and lend it to a waiter or return it to the pool, or discard it."""
+    def checkin(self, lease: Lease) -> None:
+        """Close the cursors of ``lease``, reset it, and lend it on or keep it idle."""
+        if lease.state is not IN_USE:
+            return
+        now = time.monotonic()
+        self._use_hist.observe(now - lease.borrowed_at)
+        if lease.leak_warned:
+            logger.info(
+                "A connection of database alias %r reported as leaked was returned after %.1fs.",
+                self.alias,
+                now - lease.borrowed_at,
+            )
         if self.closed:
-            self.discard(conn, "its pool was closed", warn=False)
+            self._retire(lease, "its pool was closed", warn=False)
             return
-        problem = self._broken(conn.dbapi_connection) or self._reset(
-            conn.dbapi_connection, conn.info
-        )
+        problem = self._reset(lease)
         if problem is not None:
-            self.discard(conn, problem)
+            self._retire(lease, problem)
             return
-        with self._lock:
-            waiter = self._waiters.popleft() if self._waiters else None
-            if waiter is None:
-                self._in_use -= 1
-        if waiter is not None:
-            waiter.conn = conn  # stays checked out: a new borrower
-            waiter.event.set()
+        lease.returned_at = now
+        if (
+            len(self._leases) > self.options.pool_size
+            and self.options.max_idle is None
+            and not self._waiters
+        ):
+            # Beyond pool_size, with nobody waiting: close it (QueuePool's way).
+            self._retire(lease, None, warn=False)
             return
-        conn.info[_RESET_DONE] = True
-        conn.close()  # back to SQLAlchemy's queue
+        self._give_back(lease)
+        if self.options.max_idle is not None and now >= self._next_sweep:
+            self.sweep_idle(now)
 
-    def _on_reset(self, raw: Any, record: Any, state: Any) -> None:
-        # Every way back into SQLAlchemy's queue passes here: checkin above
-        # (already reset), and a connection whose borrower was
-        # garbage-collected without closing it (a thread that ended with a
-        # connection checked out): reset it, and free its slot.
-        info = record.info
-        if info.pop(_RESET_DONE, False) or state.terminate_only:
-            return
-        self._release_slot()
-        problem = self._broken(raw) or self._reset(raw, info)
-        if problem is not None:
-            self._note_discard(problem)
-            info[_DISCARDED] = True
-            # SQLAlchemy invalidates a connection whose reset raised.
-            raise PoolError(f"Connection of database alias {self.alias!r} not reused: {problem}.")
+    def discard(self, lease: Lease, reason: str) -> None:
+        """Close the connection of ``lease`` instead of lending it again."""
+        if lease.state is IN_USE:
+            self._use_hist.observe(time.monotonic() - lease.borrowed_at)
+            self._retire(lease, reason)
 
-    def _broken(self, raw: Any) -> str | None:
-        """Tell why ``raw`` cannot be reset, if it can't."""
-        if raw.closed:
-            self._suspect_before = time.monotonic()
-            return "the connection to the server was lost"
-        status = raw.info.transaction_status
-        if status == _ACTIVE:
-            return "a command was still running on it"
+    def release_owner(self, lease: Lease) -> None:
+        """Never reclaim ``lease`` from its thread (it is shared with others)."""
+        lease.owner = None
+
+    def _give_back(self, lease: Lease) -> None:
+        """Hand ``lease`` to the oldest waiter, or make it idle."""
+        lease.owner = None
+        if self._waiters:
+            with self._lock:
+                waiter = self._hand_over(lease) if self._waiters else None
+            if waiter is not None:
+                waiter.wakeup.release()  # outside the lock: the woken one may need it
+                return
+        lease.state = IDLE
+        self._idle[lease] = True
+        # A checkout may have started waiting between our look and the line
+        # above: it looked at _idle after joining the line, so one of us sees
+        # the other.
+        if self._waiters:
+            served = []
+            with self._lock:
+                while self._waiters:
+                    other = self._take_idle()
+                    if other is None:
+                        break
+                    served.append(self._hand_over(other))
+            for waiter in served:
+                waiter.wakeup.release()
+
+    def _hand_over(self, lease: Lease | None) -> _Waiter:
+        # Under self._lock: the waiter accepts before it can give up; the
+        # caller wakes it up once the lock is released.
+        waiter = self._waiters.popleft()
+        waiter.lease = lease
+        waiter.served = True
+        if lease is not None:
+            lease.state = IN_USE
+            self._handoffs += 1
+        return waiter
+
+    def _reset(self, lease: Lease) -> str | None:
+        """Leave the connection idle: no open cursor, no transaction; or say why not."""
+        raw = lease.raw
+        try:
+            status = lease.status()
+        except Exception:  # psycopg2 raises on a closed connection
+            status = _UNKNOWN
         if status == _UNKNOWN:
             self._suspect_before = time.monotonic()
             return "the connection to the server was lost"
-        return None
-
-    def _reset(self, raw: Any, info: dict[str, Any]) -> str | None:
-        """Leave ``raw`` idle, out of any transaction; return why not if it can't be."""
+        if status == _ACTIVE:
+            return "a command was still running on it"
         try:
-            if raw.info.transaction_status != _IDLE:  # in a transaction, or a failed one
+            cursors = lease.cursors
+            if cursors:
+                # Before the rollback, while a cursor WITH HOLD can still be
+                # closed: no cursor outlives its lease, so none ever runs on
+                # the next borrower's session.
+                lease.cursors = []
+                if status == _INERROR:
+                    raw.rollback()
+                for cursor in cursors:
+                    if not cursor.closed:
+                        cursor.close()
+                status = lease.status()
+            if status != _IDLE:  # in a transaction, or a failed one
                 raw.rollback()
             if self._discard_all:
                 if not raw.autocommit:
                     raw.autocommit = True
                 with raw.cursor() as cursor:
                     cursor.execute("DISCARD ALL")
-                # DISCARD ALL also reset the session setup (time zone, role).
-                info.pop(_CONFIGURED, None)
+                # DISCARD ALL also undid the session setup (time zone, role).
+                lease.configured = False
             if raw.autocommit != self.autocommit:
                 raw.autocommit = self.autocommit
         except Exception as error:  # any failure means "don't reuse"
@@ -388,28 +742,96 @@ class ConnectionPool:
             return f"resetting it failed ({type(error).__name__})"
         return None
 
-    def discard(self, conn: PoolProxiedConnection, reason: str, *, warn: bool = True) -> None:
-        """Close the physical connection of ``conn`` and free its slot."""
-        self._invalidate(conn, reason, warn=warn)
-        self._release_slot()
+    # -- closing connections ---------------------------------------------
 
-    def _invalidate(self, conn: PoolProxiedConnection, reason: str, *, warn: bool = True) -> None:
-        self._note_discard(reason, warn=warn)
-        conn.info[_DISCARDED] = True
-        conn.invalidate()
-
-    def _note_discard(self, reason: str, *, warn: bool = True) -> None:
-        with self._counts_lock:
+    def _retire(
+        self, lease: Lease, problem: str | None, *, warn: bool = True, recycled: bool = False
+    ) -> None:
+        """Close the connection of ``lease`` (its slot goes back to QueuePool)."""
+        lease.state = GONE
+        lease.owner = None
+        self._idle.pop(lease, None)
+        for cursor in lease.cursors:  # no cursor outlives its lease
+            try:
+                cursor.close()
+            except Exception:
+                pass
+        lease.cursors = []
+        if problem is not None:
             self._invalidated += 1
-        if warn:
-            logger.warning("Discarding a connection of database alias %r: %s.", self.alias, reason)
+            if warn:
+                logger.warning(
+                    "Discarding a connection of database alias %r: %s.", self.alias, problem
+                )
+        elif recycled:
+            self._recycled += 1
+        try:
+            lease.fairy.invalidate()  # closes it; QueuePool frees the slot
+        except Exception:  # closing a broken connection may fail: it is gone anyway
+            pass
+        self._closed += 1
+        with self._lock:
+            self._leases.discard(lease)
+            self._room += 1
+            # Room for a waiter to open a connection.
+            waiter = self._hand_over(None) if self._waiters else None
+        if waiter is not None:
+            waiter.wakeup.release()
+
+    def sweep_idle(self, now: float | None = None) -> None:
+        """Close connections beyond ``pool_size`` that stayed idle for ``max_idle``."""
+        max_idle = self.options.max_idle
+        if max_idle is None:
+            return
+        now = time.monotonic() if now is None else now
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + max_idle
+        spare, self._idle_low = self._idle_low, len(self._idle)
+        while spare > 0 and len(self._leases) > self.options.pool_size:
+            lease = self._take_idle()
+            if lease is None:
+                break
+            spare -= 1
+            self._retire(lease, None, warn=False)
+
+    def check_leaks(self, now: float | None = None) -> None:
+        """Warn once about each connection checked out longer than ``leak_timeout``."""
+        limit = self.options.leak_timeout
+        if limit is None:
+            return
+        now = time.monotonic() if now is None else now
+        for lease in list(self._leases):
+            owner = lease.owner
+            if lease.state is IN_USE and not lease.leak_warned and now - lease.borrowed_at > limit:
+                lease.leak_warned = True
+                self._leaks += 1
+                logger.warning(
+                    "A connection of database alias %r has been checked out by thread %r for "
+                    "%.1fs (leak_timeout=%gs); it was borrowed at:\n%s",
+                    self.alias,
+                    owner.name if owner is not None else "(shared)",
+                    now - lease.borrowed_at,
+                    limit,
+                    "".join(lease.leak_stack or ()).rstrip(),
+                )
 
     # -- the whole pool ---------------------------------------------------
 
-    def close(self) -> None:
+    def close(self, *, retired: bool = False) -> None:
         """Close the idle connections; checked-out ones are closed at checkin."""
         self.closed = True
+        self.retired = retired
+        while True:
+            lease = self._take_idle()
+            if lease is None:
+                break
+            self._retire(lease, None, warn=False)
         self._queue.dispose()
+
+    def in_use(self) -> int:
+        """Return how many connections are lent right now."""
+        return len(self._leases) - len(self._idle)
 
     def abandon_after_fork(self, devnull: int) -> None:
         """In a forked child: detach this pool's sockets without a word to the server.
@@ -420,22 +842,24 @@ class ConnectionPool:
         ``devnull`` instead; whatever the child's copies write later goes
         nowhere.
         """
-        for raw in list(self._physical):
+        for lease in list(self._leases):
             try:
-                fd = raw.fileno()
+                fd = lease.raw.fileno()
             except Exception:  # already closed: no socket left to protect
                 continue
             os.dup2(devnull, fd)
 
     def stats(self) -> PoolStats:
         """Return a snapshot of this pool's counters."""
-        queue = self._queue
-        checked_out = queue.checkedout()
-        with self._counts_lock:
-            opened, closed = self._opened, self._closed_count
-            recycled, invalidated = self._recycled, self._invalidated
-        size = opened - closed
         o = self.options
+        size = len(self._leases)
+        idle = len(self._idle)
+        wait, use, create = (
+            self._wait_hist.snapshot(),
+            self._use_hist.snapshot(),
+            self._create_hist.snapshot(),
+        )
+        backoff = self._backoff_until - time.monotonic() if self._failing else 0.0
         return PoolStats(
             alias=self.alias,
             pid=self.pid,
@@ -446,49 +870,130 @@ class ConnectionPool:
             recycle=o.recycle,
             pre_ping=o.pre_ping,
             reset=o.reset,
+            max_idle=o.max_idle,
+            leak_timeout=o.leak_timeout,
+            retired=self.retired,
             size=size,
-            idle=max(0, size - checked_out),
-            checked_out=checked_out,
+            idle=idle,
+            checked_out=max(0, size - idle),
             overflow=max(0, size - o.pool_size),
+            waiting=len(self._waiters),
             peak_checked_out=self._peak,
             checkouts=self._checkouts,
+            affinity_hits=self._affinity,
+            handoffs=self._handoffs,
+            reclaimed=self._reclaimed,
             waits=self._waits,
             timeouts=self._timeouts,
-            opened=opened,
-            recycled=recycled,
-            invalidated=invalidated,
-            closed=closed,
+            leaks=self._leaks,
+            opened=self._opened,
+            recycled=self._recycled,
+            invalidated=self._invalidated,
+            closed=self._closed,
+            connect_failures=self._connect_failures,
+            backoff_until=time.time() + backoff if backoff > 0 else None,
+            last_connect_error=self._last_error,
+            wait_time=wait["sum"],
+            use_time=use["sum"],
+            create_time=create["sum"],
+            wait_time_histogram=wait,
+            use_time_histogram=use,
+            create_time_histogram=create,
         )
 
 
-def _has_pending_input(raw: Any, info: dict[str, Any]) -> bool:
+_TOO_OLD = "it is older than recycle"
+
+
+def _create(record: Any) -> Any:
+    """QueuePool's creator: the running checkout's way to open a connection."""
+    open_connection = _opening.open
+    if open_connection is None:
+        raise PoolError("A pooled connection was asked for outside of a checkout.")
+    return open_connection()
+
+
+_transaction_status = operator.attrgetter("transaction_status")
+
+
+def _status_reader(raw: Any) -> Callable[[], int]:
+    """Return a callable reading ``raw``'s transaction status without allocating."""
+    pgconn = getattr(raw, "pgconn", None)
+    if pgconn is not None:  # psycopg 3 (raw.info would build an object per call)
+        return functools.partial(_transaction_status, pgconn)
+    return raw.get_transaction_status  # type: ignore[no-any-return]  # psycopg2
+
+
+def _poller(raw: Any) -> Any:
+    try:
+        fd = raw.fileno()
+    except Exception:
+        return None
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLPRI)
+    return poller
+
+
+def _has_pending_input(lease: Lease) -> bool:
     """Tell, without a round trip, whether the server sent anything unasked.
 
     An idle connection has nothing to read; a backend that was terminated, a
     server that shut down or restarted, has sent an error and closed the
     socket, which makes it readable (NOTIFY payloads too: those pass the ping).
     """
-    poller = info.get(_POLLER)
+    poller = lease.poller
     if poller is None:
-        try:
-            fd = raw.fileno()
-        except Exception:
+        poller = lease.poller = _poller(lease.raw)
+        if poller is None:
             return True
-        poller = info[_POLLER] = select.poll()
-        poller.register(fd, select.POLLIN | select.POLLPRI)
     return bool(poller.poll(0))
 
 
-def _ping(raw: Any) -> bool:
-    """Run one round trip on ``raw``; tell whether it worked."""
-    try:
-        with raw.cursor() as cursor:
-            cursor.execute("SELECT 1")
-        if raw.info.transaction_status != _IDLE:
-            raw.rollback()
-    except Exception:  # whatever the driver raises, the connection is unusable
-        return False
-    return True
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-PoolFactory = Callable[[], ConnectionPool]
+class _Housekeeper:
+    """One daemon thread per process for the pools with max_idle or leak_timeout."""
+
+    def __init__(self) -> None:
+        self._pools: weakref.WeakSet[ConnectionPool] = weakref.WeakSet()
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    def watch(self, pool: ConnectionPool) -> None:
+        with self._lock:
+            self._pools.add(pool)
+            if self._pid != os.getpid():  # none yet, or inherited through fork
+                self._pid = os.getpid()
+                threading.Thread(
+                    target=self._run, name="django_postgrespool housekeeper", daemon=True
+                ).start()
+
+    def _run(self) -> None:
+        pid = os.getpid()
+        while self._pid == pid:
+            time.sleep(self._interval(self._pools))
+            for pool in list(self._pools):
+                if pool.closed and pool.in_use() == 0:
+                    self._pools.discard(pool)
+                    continue
+                try:
+                    pool.check_leaks()
+                    pool.sweep_idle()
+                except Exception:  # never let housekeeping kill the thread
+                    logger.exception("Housekeeping of %r failed.", pool)
+
+    @staticmethod
+    def _interval(pools: Iterable[ConnectionPool]) -> float:
+        periods = [
+            p
+            for pool in list(pools)
+            for p in (pool.options.leak_timeout, pool.options.max_idle)
+            if p is not None
+        ]
+        return max(0.05, min([1.0, *(p / 4 for p in periods)]))
+
+
+_housekeeper = _Housekeeper()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -19,17 +20,47 @@ _pools: dict[Hashable, ConnectionPool] = {}
 # them be garbage-collected would close the parent's connections.
 _abandoned: list[ConnectionPool] = []
 _fork_callbacks: list[Callable[[], Any]] = []
+# Pools retired because their alias's settings changed or the alias was
+# removed: shown by pool_stats() while they still have connections lent.
+_retired: weakref.WeakSet[ConnectionPool] = weakref.WeakSet()
 
 
 def get_pool(key: Hashable, build: Callable[[], ConnectionPool]) -> ConnectionPool:
-    """Return the pool for ``key``, building it with ``build()`` the first time."""
+    """Return the pool for ``key``, building it with ``build()`` the first time.
+
+    Building a pool retires the others of its alias (its settings changed)
+    and those of aliases no longer in ``DATABASES``: one live pool per
+    (process, alias), whatever number of tenants or settings come and go.
+    """
     pool = _pools.get(key)
-    if pool is None:
-        with _lock:
-            pool = _pools.get(key)
-            if pool is None:
-                pool = _pools[key] = build()
+    if pool is not None:
+        return pool
+    with _lock:
+        pool = _pools.get(key)
+        if pool is not None:
+            return pool
+        pool = build()
+        configured = _configured_aliases()
+        stale = [
+            k
+            for k, other in _pools.items()
+            if other.alias == pool.alias or (configured is not None and other.alias not in configured)
+        ]
+        retired = [_pools.pop(k) for k in stale]
+        _pools[key] = pool
+    for other in retired:
+        other.close(retired=True)
+        _retired.add(other)
     return pool
+
+
+def _configured_aliases() -> Any:
+    try:
+        from django.db import connections
+
+        return connections.settings
+    except Exception:  # settings not configured: nothing to compare with
+        return None
 
 
 def close_pools(alias: str | None = None, database: str | None = None) -> int:
@@ -55,6 +86,7 @@ def pool_stats(alias: str | None = None) -> list[PoolStats]:
     """Return a snapshot of each of this process's pools (of ``alias`` if given)."""
     with _lock:
         pools = list(_pools.values())
+    pools += [pool for pool in list(_retired) if pool.in_use() > 0]
     return [pool.stats() for pool in pools if alias is None or pool.alias == alias]
 
 
@@ -74,7 +106,8 @@ def _after_fork_in_parent() -> None:
 def _after_fork_in_child() -> None:
     global _lock, _pools
     _lock = threading.Lock()
-    inherited, _pools = list(_pools.values()), {}
+    inherited, _pools = list(_pools.values()) + list(_retired), {}
+    _retired.clear()
     devnull = os.open(os.devnull, os.O_RDWR)
     try:
         for pool in inherited:
