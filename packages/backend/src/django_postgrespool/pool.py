@@ -298,7 +298,6 @@ class ConnectionPool:
         self._backoff_until = float("-inf")
         self._last_error: str | None = None
         self._last_failure_at = 0.0
-        self._next_reclaim = float("-inf")
         # max_idle: the fewest idle connections seen since the last sweep.
         self._idle_low = 0
         self._next_sweep = time.monotonic() + (options.max_idle or 0.0)
@@ -419,12 +418,9 @@ class ConnectionPool:
                 lease = self._open(open_connection)
                 if lease is not None:
                     return lease, "new"
-            now = time.monotonic()
-            if now >= self._next_reclaim:
-                self._next_reclaim = now + _RECLAIM_INTERVAL / 10
-                lease = self._reclaim_dead()
-                if lease is not None:
-                    return lease, "reclaimed"
+            lease = self._reclaim_dead()
+            if lease is not None:
+                return lease, "reclaimed"
             lease = self._wait(deadline, room)
             if lease is not None:
                 return lease, "handoff"
@@ -508,7 +504,7 @@ class ConnectionPool:
         """Take back a connection whose borrowing thread has ended, reset."""
         for lease in list(self._leases):
             owner = lease.owner
-            if lease.state is not IN_USE or owner is None or owner.is_alive():
+            if lease.state is not IN_USE or owner is None or _alive(owner):
                 continue
             with self._lock:  # the compare-and-set: IN_USE → RESERVED
                 if lease.state is not IN_USE or lease.owner is not owner:
@@ -924,6 +920,16 @@ def _status_reader(raw: Any) -> Callable[[], int]:
     return raw.get_transaction_status  # type: ignore[no-any-return]  # psycopg2
 
 
+def _alive(thread: threading.Thread) -> bool:
+    """Tell whether ``thread`` is still running, cheaply (no lock, unlike is_alive())."""
+    # A thread leaves threading's table of running threads when it ends; a
+    # later thread may reuse its ident, hence the identity check.
+    active = getattr(threading, "_active", None)
+    if active is None:  # pragma: no cover - another threading implementation
+        return thread.is_alive()
+    return active.get(thread.ident) is thread
+
+
 def _poller(raw: Any) -> Any:
     try:
         fd = raw.fileno()
@@ -961,12 +967,15 @@ class _Housekeeper:
         self._pools: weakref.WeakSet[ConnectionPool] = weakref.WeakSet()
         self._pid = 0
         self._lock = threading.Lock()
+        self._wake = threading.Event()  # a new pool: look at the intervals again
 
     def watch(self, pool: ConnectionPool) -> None:
         with self._lock:
             self._pools.add(pool)
+            self._wake.set()
             if self._pid != os.getpid():  # none yet, or inherited through fork
                 self._pid = os.getpid()
+                self._wake = threading.Event()
                 threading.Thread(
                     target=self._run, name="django_postgrespool housekeeper", daemon=True
                 ).start()
@@ -974,7 +983,9 @@ class _Housekeeper:
     def _run(self) -> None:
         pid = os.getpid()
         while self._pid == pid:
-            time.sleep(self._interval(self._pools))
+            wake = self._wake
+            if wake.wait(self._interval(self._pools)):
+                wake.clear()
             for pool in list(self._pools):
                 if pool.closed and pool.in_use() == 0:
                     self._pools.discard(pool)

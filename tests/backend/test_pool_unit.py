@@ -1,0 +1,420 @@
+"""The pool's own state machine, on a fake DB-API connection: races made likely.
+
+No server here: each "physical connection" is a socketpair (so the socket
+pre-ping has a real descriptor to poll) with libpq's transaction status. These
+tests run thousands of checkouts in seconds; the same behaviours are proven
+against real PostgreSQL in test_lease.py.
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+import socket
+import threading
+import time
+
+import pytest
+from django_postgrespool.errors import PoolError, PoolTimeout
+from django_postgrespool.options import PoolOptions
+from django_postgrespool.pool import GONE, IDLE, ConnectionPool, Target
+
+TARGET = Target(database="db", host="h", port="1", user="u")
+
+
+class FakePGconn:
+    transaction_status = 0
+
+
+class FakeCursor:
+    def __init__(self) -> None:
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+    def execute(self, sql: str) -> None:
+        if self.closed:
+            raise RuntimeError("cursor already closed")
+
+    def fetchone(self) -> tuple[bool]:
+        return (True,)
+
+    def __enter__(self) -> FakeCursor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class FakeConnection:
+    opened = 0
+
+    def __init__(self) -> None:
+        type(self).opened += 1
+        self.pgconn = FakePGconn()
+        self.autocommit = True
+        self.closed = False
+        self._sock, self.server_side = socket.socketpair()
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def cursor(self) -> FakeCursor:
+        return FakeCursor()
+
+    def rollback(self) -> None:
+        self.pgconn.transaction_status = 0
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.pgconn.transaction_status = 4
+            self._sock.close()
+            self.server_side.close()
+
+
+def make_pool(**options: object) -> ConnectionPool:
+    opts = {"pool_size": 2, "max_overflow": 0, "timeout": 5.0, **options}
+    return ConnectionPool("fake", PoolOptions(**opts), TARGET)  # type: ignore[arg-type]
+
+
+def assert_consistent(pool: ConnectionPool) -> None:
+    """Nothing lent, nothing lost: our leases are exactly QueuePool's checkouts."""
+    stats = pool.stats()
+    assert stats["checked_out"] == 0, stats
+    assert all(lease.state is IDLE for lease in pool._leases)
+    assert len(pool._idle) == len(pool._leases) == pool._queue.checkedout()
+    assert stats["opened"] - stats["closed"] == stats["size"] <= pool.options.max_connections
+    assert not pool._waiters
+
+
+def test_hand_off_to_a_waiter_that_gives_up_at_that_moment_is_never_lost() -> None:
+    # Timeouts as long as the hold: waiters give up just as they are served,
+    # over and over. A connection handed to a waiter that then raised would
+    # stay IN_USE for ever (and the pool would shrink by one each time).
+    pool = make_pool(pool_size=2, timeout=0.002)
+    stop = time.monotonic() + 3.0
+    counts = {"ok": 0, "timeout": 0}
+    lock = threading.Lock()
+
+    def borrower() -> None:
+        while time.monotonic() < stop:
+            try:
+                lease = pool.checkout(FakeConnection, None, threading.current_thread())
+            except PoolTimeout:
+                with lock:
+                    counts["timeout"] += 1
+                continue
+            time.sleep(random.choice((0, 0.001, 0.002)))
+            pool.checkin(lease)
+            with lock:
+                counts["ok"] += 1
+
+    threads = [threading.Thread(target=borrower) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads)
+    print(f"hand-off race: {counts}, {pool.stats()['handoffs']} hand-offs")
+    assert counts["ok"] > 100 and counts["timeout"] > 10  # the race really ran
+    assert pool.stats()["handoffs"] > 100
+    assert_consistent(pool)
+    assert pool.stats()["size"] == 2
+
+
+def test_returned_connection_goes_to_the_oldest_waiter() -> None:
+    pool = make_pool(pool_size=1)
+    me = threading.current_thread()
+    held = pool.checkout(FakeConnection, None, me)
+    order: list[int] = []
+
+    def wait(n: int) -> None:
+        lease = pool.checkout(FakeConnection, None, threading.current_thread())
+        order.append(n)
+        pool.checkin(lease)
+
+    threads = []
+    for n in range(5):
+        t = threading.Thread(target=wait, args=(n,))
+        t.start()
+        threads.append(t)
+        while len(pool._waiters) < n + 1:  # each joins the line before the next starts
+            time.sleep(0.001)
+    pool.checkin(held)
+    for t in threads:
+        t.join(10)
+    assert order == [0, 1, 2, 3, 4]
+    assert pool.stats()["handoffs"] == 5
+    assert_consistent(pool)
+
+
+def test_a_thread_gets_its_own_connection_back_before_older_idle_ones() -> None:
+    pool = make_pool(pool_size=3)
+    me = threading.current_thread()
+    a, b, c = (pool.checkout(FakeConnection, None, me) for _ in range(3))
+    for lease in (a, c, b):  # b returned last, a first
+        pool.checkin(lease)
+    again = pool.checkout(FakeConnection, c, me)
+    assert again is c and again.source == "affinity"
+    pool.checkin(again)
+    assert pool.checkout(FakeConnection, None, me) is a  # FIFO without affinity
+    assert pool.stats()["affinity_hits"] == 1
+
+
+def test_no_lock_is_taken_on_a_garbage_collection_path() -> None:
+    # Borrowers die holding connections while the collector runs at every
+    # allocation; with the old design a collection inside the pool's lock
+    # deadlocked. Here nothing of ours runs at collection time at all.
+    pool = make_pool(pool_size=3, max_overflow=1, timeout=10.0)
+    old = gc.get_threshold()
+    errors: list[BaseException] = []
+
+    class Borrower:
+        def __init__(self) -> None:
+            self.me = self  # a reference cycle, like Django's wrapper
+            self.lease = pool.checkout(FakeConnection, None, threading.current_thread())
+
+    def die_holding() -> None:
+        try:
+            Borrower()
+        except BaseException as error:  # noqa: BLE001
+            errors.append(error)
+
+    def churn() -> None:
+        try:
+            for _ in range(300):
+                lease = pool.checkout(FakeConnection, None, threading.current_thread())
+                [object() for _ in range(5)]
+                pool.checkin(lease)
+        except BaseException as error:  # noqa: BLE001
+            errors.append(error)
+
+    gc.set_threshold(1)
+    try:
+        threads = [threading.Thread(target=churn) for _ in range(4)]
+        threads += [threading.Thread(target=die_holding) for _ in range(20)]
+        random.shuffle(threads)
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        hung = [t for t in threads if t.is_alive()]
+    finally:
+        gc.set_threshold(*old)
+    assert not hung, f"{len(hung)} thread(s) hung"
+    assert errors == []
+    # the dead borrowers' connections are reclaimed by the next checkouts at the cap
+    for _ in range(3):
+        pool.checkin(pool.checkout(FakeConnection, None, threading.current_thread()))
+    leases = [pool.checkout(FakeConnection, None, threading.current_thread()) for _ in range(4)]
+    for lease in leases:
+        pool.checkin(lease)
+    assert_consistent(pool)
+    assert pool.stats()["reclaimed"] >= 1
+
+
+def test_connections_of_ended_threads_are_reclaimed_at_the_cap_without_gc() -> None:
+    pool = make_pool(pool_size=2, timeout=2.0)
+    gc.disable()
+    try:
+        for _ in range(50):  # each thread ends holding a connection
+            t = threading.Thread(
+                target=lambda: pool.checkout(FakeConnection, None, threading.current_thread())
+            )
+            t.start()
+            t.join()
+    finally:
+        gc.enable()
+    stats = pool.stats()
+    assert stats["timeouts"] == 0
+    assert stats["reclaimed"] == 48
+    assert stats["opened"] == 2
+
+
+def test_a_shared_connection_is_never_reclaimed() -> None:
+    pool = make_pool(pool_size=1, timeout=0.3)
+    holder: list = []
+    t = threading.Thread(
+        target=lambda: holder.append(pool.checkout(FakeConnection, None, threading.current_thread()))
+    )
+    t.start()
+    t.join()
+    pool.release_owner(holder[0])  # as inc_thread_sharing() does
+    with pytest.raises(PoolTimeout):
+        pool.checkout(FakeConnection, None, threading.current_thread())
+    pool.checkin(holder[0])
+
+
+def test_open_cursors_are_closed_at_checkin() -> None:
+    pool = make_pool()
+    lease = pool.checkout(FakeConnection, None, threading.current_thread())
+    cursors = [FakeCursor() for _ in range(3)]
+    for cursor in cursors:
+        lease.track(cursor)
+    pool.checkin(lease)
+    assert all(c.closed for c in cursors)
+    assert lease.cursors == []
+
+
+def test_a_connection_in_a_transaction_is_rolled_back_at_checkin() -> None:
+    pool = make_pool()
+    lease = pool.checkout(FakeConnection, None, threading.current_thread())
+    lease.raw.pgconn.transaction_status = 3  # failed transaction
+    pool.checkin(lease)
+    assert lease.raw.pgconn.transaction_status == 0 and lease.state is IDLE
+
+
+def test_a_lost_connection_is_discarded_at_checkin_and_its_room_reused() -> None:
+    pool = make_pool(pool_size=1)
+    lease = pool.checkout(FakeConnection, None, threading.current_thread())
+    lease.raw.close()
+    pool.checkin(lease)
+    assert lease.state is GONE
+    again = pool.checkout(FakeConnection, None, threading.current_thread())
+    assert again is not lease
+    pool.checkin(again)
+    assert pool.stats()["invalidated"] == 1
+    assert_consistent(pool)
+
+
+def test_a_server_that_hung_up_is_found_by_the_socket_check() -> None:
+    pool = make_pool(pool_size=1)
+    lease = pool.checkout(FakeConnection, None, threading.current_thread())
+    pool.checkin(lease)
+    lease.raw.server_side.send(b"E")  # the server wrote (an error) and hung up
+    again = pool.checkout(FakeConnection, lease, threading.current_thread())
+    assert again is not lease and lease.state is GONE
+
+
+def test_recycle_ages_are_spread_over_five_percent() -> None:
+    pool = make_pool(pool_size=20, recycle=1000)
+    me = threading.current_thread()
+    leases = [pool.checkout(FakeConnection, None, me) for _ in range(20)]
+    lifetimes = [lease.expires - lease.born for lease in leases]
+    assert all(950 <= life <= 1000 for life in lifetimes)
+    assert len({round(life, 3) for life in lifetimes}) > 10
+
+
+def test_connections_beyond_pool_size_close_when_returned_unless_max_idle() -> None:
+    me = threading.current_thread()
+    for max_idle, kept in ((None, 1), (30.0, 3)):
+        pool = make_pool(pool_size=1, max_overflow=2, max_idle=max_idle)
+        leases = [pool.checkout(FakeConnection, None, me) for _ in range(3)]
+        for lease in leases:
+            pool.checkin(lease)
+        assert pool.stats()["size"] == kept
+        pool.close()
+
+
+def test_max_idle_closes_spare_connections_that_stayed_idle() -> None:
+    me = threading.current_thread()
+    pool = make_pool(pool_size=1, max_overflow=3, max_idle=0.2)
+    leases = [pool.checkout(FakeConnection, None, me) for _ in range(4)]
+    for lease in leases:
+        pool.checkin(lease)
+    assert pool.stats()["size"] == 4
+    deadline = time.monotonic() + 5
+    while pool.stats()["size"] > 1 and time.monotonic() < deadline:
+        time.sleep(0.05)  # the housekeeper sweeps
+    assert pool.stats()["size"] == 1  # pool_size is never closed for idleness
+    pool.close()
+
+
+class Refused(Exception):
+    pass
+
+
+def test_reconnect_backoff_lets_one_attempt_through_at_a_time() -> None:
+    attempts: list[float] = []
+    up = threading.Event()
+
+    def connect() -> FakeConnection:
+        attempts.append(time.monotonic())
+        if not up.is_set():
+            raise Refused('connection to server at "h", port 1 failed: Connection refused')
+        return FakeConnection()
+
+    pool = ConnectionPool(
+        "fake",
+        PoolOptions(pool_size=2, max_overflow=0, timeout=5.0),
+        TARGET,
+        connect_errors=(Refused,),
+    )
+    stop = time.monotonic() + 2.0
+    slowest = [0.0]
+    errors: dict[str, int] = {}
+
+    def request() -> None:
+        while time.monotonic() < stop:
+            t0 = time.monotonic()
+            try:
+                pool.checkin(pool.checkout(connect, None, threading.current_thread()))
+            except (Refused, PoolError) as error:
+                errors[type(error).__name__] = errors.get(type(error).__name__, 0) + 1
+            slowest[0] = max(slowest[0], time.monotonic() - t0)
+            time.sleep(0.001)
+
+    threads = [threading.Thread(target=request) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    print(f"backoff: {len(attempts)} attempts in 2 s from 16 threads, {errors}, slowest {slowest[0]:.3f}s")
+    assert len(attempts) <= 6  # 0.1, 0.2, 0.4, 0.8 s apart, capped at 1 s
+    assert slowest[0] < 0.5
+    assert pool.stats()["connect_failures"] == len(attempts)
+    assert pool.stats()["backoff_until"] is not None
+    with pytest.raises(PoolError) as info:
+        pool.checkout(connect, None, threading.current_thread())
+    assert str(info.value).startswith(
+        "Cannot connect to database alias 'fake' at h:1: the last attempt, "
+    )
+    assert "(Refused: connection to server at \"h\", port 1 failed: Connection refused)" in str(
+        info.value
+    )
+    up.set()
+    back = time.monotonic()
+    while True:
+        try:
+            pool.checkin(pool.checkout(connect, None, threading.current_thread()))
+            break
+        except PoolError:
+            time.sleep(0.01)
+    assert time.monotonic() - back <= 1.05
+    assert pool.stats()["backoff_until"] is None
+
+
+def test_leak_warning_names_the_borrowers_code(caplog: pytest.LogCaptureFixture) -> None:
+    pool = make_pool(leak_timeout=0.2)
+
+    def view_that_holds_a_connection() -> None:
+        lease = pool.checkout(FakeConnection, None, threading.current_thread())
+        time.sleep(0.7)
+        pool.checkin(lease)
+
+    with caplog.at_level("INFO", logger="django_postgrespool"):
+        view_that_holds_a_connection()
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    message = warnings[0].getMessage()
+    assert message.startswith("A connection of database alias 'fake' has been checked out by thread ")
+    assert "view_that_holds_a_connection" in message and __file__ in message
+    assert any("reported as leaked was returned after" in r.getMessage() for r in caplog.records)
+    assert pool.stats()["leaks"] == 1
+
+
+def test_histograms_count_every_checkout() -> None:
+    pool = make_pool()
+    me = threading.current_thread()
+    for _ in range(10):
+        pool.checkin(pool.checkout(FakeConnection, None, me))
+    stats = pool.stats()
+    for key in ("wait_time_histogram", "use_time_histogram"):
+        h = stats[key]  # type: ignore[literal-required]
+        assert h["count"] == sum(h["counts"]) == 10
+        assert len(h["counts"]) == len(h["buckets"]) + 1
+    assert stats["create_time_histogram"]["count"] == 1
+    assert stats["wait_time"] == stats["wait_time_histogram"]["sum"]
+
