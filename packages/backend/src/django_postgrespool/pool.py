@@ -641,7 +641,7 @@ class ConnectionPool:
         if (
             len(self._leases) > self.options.pool_size
             and self.options.max_idle is None
-            and not self._waiters
+            and self._surplus(lease)
         ):
             # Beyond pool_size, with nobody waiting: close it (QueuePool's way).
             self._retire(lease, None, warn=False)
@@ -649,6 +649,16 @@ class ConnectionPool:
         self._give_back(lease)
         if self.options.max_idle is not None and now >= self._next_sweep:
             self.sweep_idle(now)
+
+    def _surplus(self, lease: Lease) -> bool:
+        """Take ``lease`` out of the pool if it is beyond ``pool_size`` and nobody waits."""
+        # Under the lock: connections returned at once must not all see
+        # themselves as the surplus one.
+        with self._lock:
+            if len(self._leases) > self.options.pool_size and not self._waiters:
+                self._leases.discard(lease)
+                return True
+        return False
 
     def discard(self, lease: Lease, reason: str) -> None:
         """Close the connection of ``lease`` instead of lending it again."""
@@ -789,7 +799,11 @@ class ConnectionPool:
             if lease is None:
                 break
             spare -= 1
-            self._retire(lease, None, warn=False)
+            if self._surplus(lease):
+                self._retire(lease, None, warn=False)
+            else:
+                self._give_back(lease)
+                break
 
     def check_leaks(self, now: float | None = None) -> None:
         """Warn once about each connection checked out longer than ``leak_timeout``."""
