@@ -1,0 +1,74 @@
+"""Django's error report (technical 500 page, emailed report) shows no password from our frames."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+
+import django_postgrespool
+
+import pytest
+from django.db import connections
+from django.test import RequestFactory, override_settings
+from django.views.debug import ExceptionReporter
+from django_postgrespool import PoolTimeout
+
+from tests.support.pgcluster import PASSWORD
+
+urlpatterns: list = []
+OUR_CODE = str(Path(django_postgrespool.__file__).parent)
+
+
+def report_of(alias: str, expected: type[BaseException]) -> tuple[str, list[str]]:
+    """Return the emailed report (DEBUG off), and our frames of the debug page (DEBUG on)."""
+    request = RequestFactory().get("/checkout/")
+    try:
+        connections[alias].ensure_connection()
+    except expected:
+        exc_info = sys.exc_info()
+    else:  # pragma: no cover - the test fails below
+        pytest.fail("no error raised")
+    with override_settings(ROOT_URLCONF=__name__, DEBUG=False):
+        emailed = ExceptionReporter(request, *exc_info, is_email=True).get_traceback_html()
+    with override_settings(ROOT_URLCONF=__name__, DEBUG=True):
+        page = ExceptionReporter(request, *exc_info).get_traceback_html()
+    # Django shows every local of every frame on its DEBUG page (its own
+    # frames included, by design); ours must hold no secret there either.
+    frames = page.split('<code class="fname">')[1:]
+    ours = [f for f in frames if f.startswith(OUR_CODE)]
+    return emailed, ours
+
+
+def test_report_of_a_refused_connection_shows_no_password(pooled_alias):
+    alias, _ = pooled_alias(HOST="127.0.0.1", PORT="1")
+    emailed, ours = report_of(alias, Exception)
+    assert "_open_physical_connection" in emailed  # our frames are in the report
+    assert "get_new_connection" in emailed and "********************" in emailed  # cleansed
+    assert PASSWORD not in emailed
+    assert len(ours) >= 5
+    assert not [f for f in ours if PASSWORD in f]
+
+
+def test_report_of_a_pool_timeout_shows_no_password(pooled_alias):
+    alias, _ = pooled_alias(pool_options={"pool_size": 1, "max_overflow": 0, "timeout": 0.2})
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():
+        connections[alias].ensure_connection()
+        holding.set()
+        release.wait(10)
+        connections[alias].close()
+
+    t = threading.Thread(target=hold)
+    t.start()
+    assert holding.wait(10)
+    try:
+        emailed, ours = report_of(alias, PoolTimeout)
+    finally:
+        release.set()
+        t.join(10)
+    assert "_checkout_slow" in emailed
+    assert PASSWORD not in emailed
+    assert len(ours) >= 3
+    assert not [f for f in ours if PASSWORD in f]
