@@ -162,10 +162,9 @@ class PooledDatabaseWrapperMixin:
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
         lease = self._new_lease
         if lease is None:
-            raise ImproperlyConfigured(
-                f"{type(self).__name__}.get_new_connection() hands out the connection that "
-                f"connect() borrowed from the pool; call connect() instead."
-            )
+            # Called directly (not through connect()): a connection of the
+            # caller's own, outside the pool, as the stock engine gives.
+            return super().get_new_connection(conn_params)  # type: ignore[misc]
         self._new_lease = None
         if lease.isolation_level is None:  # opened by this very checkout
             lease.isolation_level = self.isolation_level

@@ -78,7 +78,7 @@ _RECLAIM_INTERVAL = 0.25
 # Reconnect backoff: the first pause after a failed connection attempt, and
 # the longest (a server that is back serves within this of accepting).
 _BACKOFF_FIRST = 0.1
-_BACKOFF_MAX = 0.9
+_BACKOFF_MAX = 0.8
 # Each connection's recycle age is shortened by up to this fraction, so that
 # connections opened together are not all replaced in the same second.
 _RECYCLE_SPREAD = 0.05
@@ -477,7 +477,7 @@ class ConnectionPool:
             self._failing = True
             delay = min(_BACKOFF_MAX, max(_BACKOFF_FIRST, self._backoff_delay * 2))
             self._backoff_delay = delay
-            self._backoff_until = now + delay * random.uniform(0.85, 1.0)
+            self._backoff_until = now + delay * random.uniform(0.9, 1.0)
             self._last_failure_at = now
             self._last_error = _first_line(error)
         logger.warning(
