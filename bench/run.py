@@ -433,11 +433,15 @@ def measure(args: argparse.Namespace) -> int:
                     a for a in every if a in QUICK_ALTS
                 ]
                 for level in args.threads:
+                    pairs = [(alt, level) for alt in alts]
+                    if workload.startswith("A-") and level == 16 and "persistent" in alts:
+                        # The limit for the pool's 10 connections, alternating with the rest.
+                        pairs.append(("persistent", report.LIMIT_THREADS))
                     for round_ in range(args.rounds):
-                        shift = round_ % len(alts)
-                        for alt in alts[shift:] + alts[:shift]:
+                        shift = round_ % len(pairs)
+                        for alt, threads in pairs[shift:] + pairs[:shift]:
                             try:
-                                result = bench.cell(driver, workload, alt, level)
+                                result = bench.cell(driver, workload, alt, threads)
                             except HarnessError as error:
                                 if args.quick:
                                     raise
@@ -447,10 +451,10 @@ def measure(args: argparse.Namespace) -> int:
                                 result = {"requests": 0, "errors": 1, "seconds": args.duration,
                                           "p50_ms": float("nan"), "p99_ms": float("nan"),
                                           "server_conns": 0, "first_error": str(error)[:500]}
-                            result.update(driver=driver, workload=workload, alt=alt, threads=level)
+                            result.update(driver=driver, workload=workload, alt=alt, threads=threads)
                             cells.append(result)
                             print(
-                                f"  {driver:8} {workload:6} x{level:<3} {alt:16} "
+                                f"  {driver:8} {workload:6} x{threads:<3} {alt:16} "
                                 f"{result['requests'] / result['seconds']:8.0f} req/s "
                                 f"p50 {result['p50_ms']:7.2f} ms p99 {result['p99_ms']:7.2f} ms "
                                 f"conns {result['server_conns']:3} errors {result['errors']}",
