@@ -17,6 +17,8 @@ from typing import Any, TypedDict
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
+from django.db.backends.base.base import NO_DB_ALIAS
+from django.db.backends.signals import connection_created
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.backends.postgresql import base as postgresql_base
 from django.db.backends.postgresql.creation import DatabaseCreation as PostgreSQLCreation
@@ -111,11 +113,16 @@ class PooledDatabaseWrapperMixin:
 
     def connect(self) -> None:  # ensure_connection(), its caller, is @async_unsafe
         """Borrow a connection; run Django's connect path only for a new physical one."""
-        # Django's connect() opens a connection, then sets it up (autocommit,
-        # time zone, role) and sends connection_created. A pooled physical
-        # connection had all that done when it was opened, and checkin
-        # restored autocommit: taking it back only needs the per-connect
-        # state that connect() resets.
+        # Django's connect() opens a connection, sets it up (autocommit, time
+        # zone, role) and sends connection_created. A pooled physical
+        # connection was set up when it was opened, and checkin restored
+        # autocommit: taking it back only needs the per-connect state that
+        # connect() resets, and the signal.
+        if self.alias == NO_DB_ALIAS:  # type: ignore[attr-defined]
+            # _nodb_cursor()'s throwaway wrapper (CREATE/DROP DATABASE): a
+            # connection of its own, as with the stock engine.
+            super().connect()  # type: ignore[misc]
+            return
         pool = self._current_pool()
         lease = pool.checkout(
             self._open_physical_connection,
@@ -140,6 +147,8 @@ class PooledDatabaseWrapperMixin:
             self.connection = lease.raw
             self.isolation_level = lease.isolation_level
             self.autocommit = settings_dict["AUTOCOMMIT"]
+            # As Django sends it at every connect(): receivers see each checkout.
+            connection_created.send(sender=self.__class__, connection=self)
             self.run_on_commit: list[Any] = []
             return
         self._connect_new(lease)
