@@ -18,10 +18,9 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
 from django.db.backends.base.base import NO_DB_ALIAS
-from django.db.backends.signals import connection_created
-from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.backends.postgresql import base as postgresql_base
 from django.db.backends.postgresql.creation import DatabaseCreation as PostgreSQLCreation
+from django.db.backends.signals import connection_created
 from django.views.decorators.debug import sensitive_variables
 
 from django_postgrespool import registry
@@ -338,7 +337,8 @@ class DatabaseWrapper(  # type: ignore[misc]
 
 def checkout_info(alias: str = "default") -> CheckoutInfo | None:
     """Describe the calling thread's current (or last) checkout of ``alias``."""
-    wrapper = getattr(connections._connections, alias, None)
+    # Only this thread's wrapper, if it has one: connections[alias] would make one.
+    wrapper = getattr(connections._connections, alias, None)  # type: ignore[attr-defined]
     if not isinstance(wrapper, PooledDatabaseWrapperMixin):
         return None
     return wrapper.checkout_info()

@@ -314,7 +314,7 @@ class ConnectionPool:
         self._last_wait_warning = float("-inf")
         self._waits_warned = 0
         self._queue = QueuePool(
-            _create,
+            _create,  # type: ignore[arg-type]  # takes the record, as QueuePool allows
             pool_size=options.pool_size,
             max_overflow=options.max_overflow,
             # At the cap QueuePool says so at once; waiting is done here.
@@ -352,6 +352,7 @@ class ConnectionPool:
         """
         asked = time.monotonic()
         idle = self._idle
+        lease: Lease | None
         if prefer is not None and idle.pop(prefer, False):
             lease, source = prefer, "affinity"
         else:

@@ -44,7 +44,8 @@ def get_pool(key: Hashable, build: Callable[[], ConnectionPool]) -> ConnectionPo
         stale = [
             k
             for k, other in _pools.items()
-            if other.alias == pool.alias or (configured is not None and other.alias not in configured)
+            if other.alias == pool.alias
+            or (configured is not None and other.alias not in configured)
         ]
         retired = [_pools.pop(k) for k in stale]
         _pools[key] = pool
