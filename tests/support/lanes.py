@@ -37,6 +37,7 @@ COMMON = [
     "pytest>=8",
     "dj-database-url>=3.0",
     "gunicorn>=22",
+    "uvicorn>=0.30",
     "-e",
     str(ROOT / "packages" / "backend"),
     "-e",

@@ -1023,3 +1023,12 @@ class _Housekeeper:
 
 
 _housekeeper = _Housekeeper()
+
+
+def _forget_pools_in_child() -> None:
+    # The parent's pools are abandoned in a forked child (see registry): never
+    # sweep them, nor report their leaks, from the child's housekeeper.
+    _housekeeper.__init__()  # type: ignore[misc]
+
+
+os.register_at_fork(after_in_child=_forget_pools_in_child)
