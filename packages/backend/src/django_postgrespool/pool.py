@@ -278,8 +278,15 @@ class ConnectionPool:
         self._connect_errors = connect_errors
         # With target_session_attrs=read-write, a ping also proves the server
         # is not (or no longer) in recovery.
+        # With target_session_attrs=read-write, libpq checks the server only
+        # when it connects; a pooled session outlives a demotion (a server
+        # made read-only, a standby that took over the address): every
+        # checkout then asks, in one round trip, whether it can still write.
+        self._require_primary = require_primary
         self._ping_sql = (
-            "SELECT NOT pg_is_in_recovery()" if require_primary else "SELECT true"
+            "SELECT NOT pg_is_in_recovery() AND current_setting('transaction_read_only') = 'off'"
+            if require_primary
+            else "SELECT true"
         )
         # Connections opened before the last disconnect this pool saw get a
         # real ping at their next checkout (see _check).
@@ -591,7 +598,7 @@ class ConnectionPool:
         """Tell why an idle ``lease`` must not be lent, if it must not."""
         if time.monotonic() >= lease.expires:
             return _TOO_OLD
-        mode = self._pre_ping
+        mode = True if self._require_primary else self._pre_ping
         if lease.verified < self._suspect_before:
             # Opened before a disconnect this pool saw: ping it once rather
             # than hand it out to fail in its turn.
