@@ -90,3 +90,24 @@ def test_recycle_replaces_old_connections(pooled_alias):
     (stats,) = pool_stats(alias)
     assert stats["recycled"] == 1
     assert stats["invalidated"] == 0
+
+
+def test_read_write_target_never_lends_a_session_that_can_no_longer_write(pooled_alias):
+    # libpq checks target_session_attrs=read-write only when it connects; a
+    # pooled session can outlive it (here: made read-only from inside).
+    alias, _ = pooled_alias(options={"target_session_attrs": "read-write"})
+    first = run_request(
+        alias,
+        lambda c: (
+            c.execute("SET default_transaction_read_only = on"),
+            c.execute("SELECT pg_backend_pid()"),
+            c.fetchone()[0],
+        )[2],
+    )
+    read_only, pid = run_request(
+        alias,
+        lambda c: (c.execute("SHOW transaction_read_only"), c.fetchone()[0],
+                   c.execute("SELECT pg_backend_pid()"), c.fetchone()[0])[1::2],
+    )
+    assert read_only == "off" and pid != first
+    assert pool_stats(alias)[0]["invalidated"] == 1
