@@ -47,7 +47,7 @@ def test_rounds_are_merged_into_one_row_per_cell() -> None:
 def test_a_missed_target_says_by_how_much() -> None:
     _, missed = report.ratios([row("ours", 1, 800), row("persistent", 1, 1000)])
     assert missed == [
-        "A-one psycopg: ours ÷ persistent at 1 clients = 0.80, target ≥ 0.9 (short by 12%)"
+        "A-one psycopg: ours ÷ persistent at 1 clients = 0.80, target ≥ 0.95 (short by 19%)"
     ]
 
 
