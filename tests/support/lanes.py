@@ -38,6 +38,12 @@ COMMON = [
     "dj-database-url>=3.0",
     "gunicorn>=22",
     "uvicorn>=0.30",
+    # The optional extras' libraries (metrics, the toolbar panel) and the SDK
+    # the OpenTelemetry tests collect with.
+    "opentelemetry-api>=1.27",
+    "opentelemetry-sdk>=1.27",
+    "prometheus_client>=0.20",
+    "django-debug-toolbar>=4.4",
     "-e",
     str(ROOT / "packages" / "backend"),
     "-e",

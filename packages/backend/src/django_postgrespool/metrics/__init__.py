@@ -1,0 +1,175 @@
+"""The pools' metrics, under the OpenTelemetry names, for monitoring systems.
+
+This module needs nothing beyond the core; the exporters are its submodules,
+each behind an extra: :mod:`.otel` (``django-postgrespool[otel]``) and
+:mod:`.prometheus` (``django-postgrespool[prometheus]``). The app's
+``ready()`` registers whichever is installed; ``POSTGRESPOOL_METRICS = False``
+turns them all off.
+
+Two ways in for an exporter:
+
+* a snapshot of every pool (``pool_stats()``), read when the exporter is
+  collected, turned into :class:`Point` values by :func:`points` (the one
+  place that maps the pool's counters to the metric names);
+* the timing hook: the pool calls :func:`notify_timing` for each checkout's
+  wait, each checkout's use and each new physical connection, only while
+  :data:`timing_observers` is not empty (so an app without an exporter that
+  needs single observations pays one attribute lookup per checkout).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal, NamedTuple
+
+__all__ = [
+    "DEFAULT_TIME_BUCKETS",
+    "Histogram",
+    "Point",
+    "TimingKind",
+    "TimingObserver",
+    "add_timing_observer",
+    "enabled",
+    "notify_timing",
+    "points",
+    "remove_timing_observer",
+    "timing_observers",
+]
+
+TimingKind = Literal["wait", "use", "create"]
+TimingObserver = Callable[[str, TimingKind, float], None]
+"""Called as ``observer(alias, kind, seconds)``; must not raise and must not block."""
+
+# The bucket bounds the semantic conventions advise for database durations,
+# which the pool also uses (django_postgrespool.pool.TIME_BUCKETS).
+DEFAULT_TIME_BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10)
+
+# Replaced (never mutated) by add/remove, so the pool reads it without a lock.
+timing_observers: tuple[TimingObserver, ...] = ()
+
+
+def add_timing_observer(observer: TimingObserver) -> None:
+    """Call ``observer(alias, kind, seconds)`` for every timing the pools take."""
+    global timing_observers
+    if observer not in timing_observers:
+        timing_observers = (*timing_observers, observer)
+
+
+def remove_timing_observer(observer: TimingObserver) -> None:
+    """Stop calling ``observer``."""
+    global timing_observers
+    timing_observers = tuple(o for o in timing_observers if o != observer)
+
+
+def notify_timing(alias: str, kind: TimingKind, seconds: float) -> None:
+    """Pass one timing to every observer (the pool calls this; an observer's error is dropped)."""
+    for observer in timing_observers:
+        try:
+            observer(alias, kind, seconds)
+        except Exception:  # a broken exporter must not break a checkout
+            pass
+
+
+def enabled() -> bool:
+    """Tell whether the settings let the app register the metrics exporters."""
+    from django.conf import settings
+
+    return bool(getattr(settings, "POSTGRESPOOL_METRICS", True))
+
+
+# -- the metrics, from a snapshot ------------------------------------------
+
+# (OpenTelemetry name, kind, unit, description); the Prometheus name is the
+# OpenTelemetry one with dots as underscores, "_seconds" for the unit s and
+# "_total" on a counter's sample.
+GAUGES: tuple[tuple[str, str, str], ...] = (
+    ("db.client.connection.count", "{connection}",
+     "The number of connections that are currently in state described by the state attribute"),
+    ("db.client.connection.idle.max", "{connection}",
+     "The maximum number of idle open connections allowed"),
+    ("db.client.connection.idle.min", "{connection}",
+     "The minimum number of idle open connections allowed"),
+    ("db.client.connection.max", "{connection}",
+     "The maximum number of open connections allowed"),
+    ("db.client.connection.pending_requests", "{request}",
+     "The number of current pending requests for an open connection"),
+)
+COUNTERS: tuple[tuple[str, str, str], ...] = (
+    ("db.client.connection.timeouts", "{timeout}",
+     "The number of connection timeouts that have occurred trying to obtain a connection "
+     "from the pool"),
+)
+HISTOGRAMS: tuple[tuple[str, TimingKind, str], ...] = (
+    ("db.client.connection.create_time", "create", "The time it took to create a new connection"),
+    ("db.client.connection.wait_time", "wait",
+     "The time it took to obtain an open connection from the pool"),
+    ("db.client.connection.use_time", "use",
+     "The time between borrowing a connection and returning it to the pool"),
+)
+
+
+class Histogram(NamedTuple):
+    """A pool's fixed-bucket histogram: ``counts[i]`` observations in bucket i (not cumulative)."""
+
+    buckets: tuple[float, ...]
+    counts: tuple[int, ...]  # len(buckets) + 1: the last is above the last bound
+    sum: float
+
+
+class Point(NamedTuple):
+    """One value of one metric for one pool name (and connection state)."""
+
+    name: str  # the OpenTelemetry name
+    pool: str
+    state: str | None  # "idle" | "used" for db.client.connection.count, else None
+    value: float | Histogram
+
+
+def points(stats: Iterable[Mapping[str, Any]]) -> list[Point]:
+    """Turn ``pool_stats()`` into metric points, one pool name per alias.
+
+    A retired pool still lending connections shares its alias with the
+    current pool: their counts and timings add up; the limits are the current
+    pool's.
+    """
+    by_alias: dict[str, list[Mapping[str, Any]]] = {}
+    for s in stats:
+        by_alias.setdefault(s["alias"], []).append(s)
+    out: list[Point] = []
+    for alias, pools in by_alias.items():
+        current = next((p for p in pools if not p.get("retired")), pools[0])
+
+        def total(key: str, pools: list[Mapping[str, Any]] = pools) -> int:
+            return sum(int(p.get(key) or 0) for p in pools)
+
+        out += [
+            Point("db.client.connection.count", alias, "idle", total("idle")),
+            Point("db.client.connection.count", alias, "used", total("checked_out")),
+            # QueuePool keeps at most pool_size connections when they come
+            # back; overflow ones are closed. Nothing is opened ahead of use.
+            Point("db.client.connection.idle.max", alias, None, current["pool_size"]),
+            Point("db.client.connection.idle.min", alias, None, 0),
+            Point("db.client.connection.max", alias, None,
+                  current["pool_size"] + current["max_overflow"]),
+            Point("db.client.connection.pending_requests", alias, None, total("waiting")),
+            Point("db.client.connection.timeouts", alias, None, total("timeouts")),
+        ]
+        for name, kind, _ in HISTOGRAMS:
+            merged = _merge([p.get(f"{kind}_time_histogram") for p in pools])
+            if merged is not None:
+                out.append(Point(name, alias, None, merged))
+    return out
+
+
+def _merge(histograms: list[Mapping[str, Any] | None]) -> Histogram | None:
+    present = [h for h in histograms if h]
+    if not present:
+        return None  # a core without timings
+    buckets = tuple(float(b) for b in present[0]["buckets"])
+    counts = [0] * (len(buckets) + 1)
+    total = 0.0
+    for h in present:
+        for i, c in enumerate(h["counts"]):
+            counts[i] += int(c)
+        total += float(h["sum"])
+    return Histogram(buckets, tuple(counts), total)

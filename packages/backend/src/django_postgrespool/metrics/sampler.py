@@ -1,0 +1,101 @@
+"""One background thread per process that reads the pools every few seconds.
+
+For what must be known between requests: a Prometheus scrape of one gunicorn
+worker reports the other workers from what their samplers last wrote, and the
+example's pool page draws the last minutes from what its sampler kept.
+
+It only reads ``pool_stats()``: it never builds a pool or opens a connection.
+It starts lazily in the process that needs it (``ensure_running()``, cheap
+enough to call at every request): a thread does not survive ``fork()``, so a
+sampler started in gunicorn's master before the workers are forked would not
+run in any of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+__all__ = ["DEFAULT_INTERVAL", "ensure_running", "sample_now", "subscribe", "unsubscribe"]
+
+logger = logging.getLogger("django_postgrespool")
+
+DEFAULT_INTERVAL = 1.0
+
+Subscriber = Callable[[list[Mapping[str, Any]]], None]
+
+# Guards _subscribers and _running_in (who starts the thread of this pid).
+_lock = threading.Lock()
+_subscribers: list[Subscriber] = []
+_running_in: int | None = None
+
+
+def subscribe(subscriber: Subscriber) -> None:
+    """Call ``subscriber(pool_stats())`` at each tick of this process's sampler."""
+    with _lock:
+        if subscriber not in _subscribers:
+            _subscribers.append(subscriber)
+
+
+def unsubscribe(subscriber: Subscriber) -> None:
+    """Stop calling ``subscriber``."""
+    with _lock:
+        if subscriber in _subscribers:
+            _subscribers.remove(subscriber)
+
+
+def interval() -> float:
+    """Return the sampling interval: ``POSTGRESPOOL_METRICS_INTERVAL`` seconds, default 1."""
+    from django.conf import settings
+
+    return float(getattr(settings, "POSTGRESPOOL_METRICS_INTERVAL", DEFAULT_INTERVAL))
+
+
+def ensure_running(**_: object) -> None:
+    """Start this process's sampler unless it runs (a ``request_started`` receiver too)."""
+    global _running_in
+    pid = os.getpid()
+    if _running_in == pid:
+        return
+    with _lock:
+        if _running_in == pid:
+            return
+        _running_in = pid
+    every = interval()
+    thread = threading.Thread(
+        target=_run, args=(every,), name="postgrespool-sampler", daemon=True
+    )
+    thread.start()
+
+
+def sample_now() -> list[Mapping[str, Any]]:
+    """Read the pools and pass the snapshot to every subscriber; return it."""
+    from django_postgrespool.registry import pool_stats
+
+    stats: list[Mapping[str, Any]] = list(pool_stats())
+    with _lock:
+        subscribers = list(_subscribers)
+    for subscriber in subscribers:
+        try:
+            subscriber(stats)
+        except Exception:
+            logger.exception("A pool metrics subscriber failed: %r", subscriber)
+    return stats
+
+
+def _run(every: float) -> None:
+    pid, wait = os.getpid(), threading.Event().wait
+    while _running_in == pid:
+        sample_now()
+        wait(every)
+
+
+def _after_fork_in_child() -> None:
+    global _lock
+    _lock = threading.Lock()  # another thread may have held it at fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
