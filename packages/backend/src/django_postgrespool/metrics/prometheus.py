@@ -147,7 +147,8 @@ class _Mirror:
     adds the buckets of every process, then accumulates them.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, value_class: Any = None) -> None:
+        self._value_class = value_class  # prometheus_client's, unless a test gives one
         self._lock = threading.Lock()
         self._values: dict[tuple[Any, ...], Any] = {}
         self._pid = os.getpid()
@@ -156,7 +157,7 @@ class _Mirror:
         key = (typ, family, sample, tuple(labels.items()))
         value = self._values.get(key)
         if value is None:
-            value = self._values[key] = values.ValueClass(
+            value = self._values[key] = (self._value_class or values.ValueClass)(
                 typ, family, sample, list(labels), list(labels.values()), text,
                 multiprocess_mode="livesum",
             )
