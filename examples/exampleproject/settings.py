@@ -84,6 +84,29 @@ DATABASES = {
 if os.environ.get("POSTGRESPOOL_MAX_CONNECTIONS"):
     POSTGRESPOOL_MAX_CONNECTIONS = int(os.environ["POSTGRESPOOL_MAX_CONNECTIONS"])
 
+# Metrics (README.rst, "Metrics"): with django_postgrespool in INSTALLED_APPS
+# the pools report through OpenTelemetry and prometheus_client when they are
+# installed; /metrics serves Prometheus' format. Under gunicorn set
+# PROMETHEUS_MULTIPROC_DIR (see gunicorn.conf.py) so one scrape sees every
+# worker; each worker's sampler refreshes its figures every interval seconds.
+POSTGRESPOOL_METRICS = os.environ.get("POSTGRESPOOL_METRICS", "1") == "1"
+POSTGRESPOOL_METRICS_INTERVAL = float(os.environ.get("POSTGRESPOOL_METRICS_INTERVAL", "1"))
+
+# django-debug-toolbar with the pool's panel, when DEBUG is on and it is installed.
+try:
+    import debug_toolbar  # noqa: F401
+except ImportError:
+    DEBUG_TOOLBAR = False
+else:
+    DEBUG_TOOLBAR = DEBUG
+if DEBUG_TOOLBAR:
+    from debug_toolbar.settings import PANELS_DEFAULTS
+
+    INSTALLED_APPS.append("debug_toolbar")
+    MIDDLEWARE.insert(0, "debug_toolbar.middleware.DebugToolbarMiddleware")
+    INTERNAL_IPS = ["127.0.0.1"]
+    DEBUG_TOOLBAR_PANELS = [*PANELS_DEFAULTS, "django_postgrespool.toolbar.PoolPanel"]
+
 AUTH_PASSWORD_VALIDATORS: list[dict[str, str]] = []
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
