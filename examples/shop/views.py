@@ -15,6 +15,7 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 from django_postgrespool import pool_stats
 
+from shop import poolchart, poolhistory
 from shop.models import Order, Product
 from shop.orders import OutOfStock, place_order
 
@@ -148,14 +149,41 @@ def _pools() -> dict[str, Any]:
     return {"pid": os.getpid(), "aliases": aliases}
 
 
+def _card(alias: str, pools: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the /pool/ page shows of one alias: the gauge, the figures, the chart."""
+    current = next((p for p in pools if not p.get("retired")), pools[0])
+    used = sum(p["checked_out"] for p in pools)
+    idle = sum(p["idle"] for p in pools)
+    waiting = sum(p.get("waiting", 0) for p in pools)
+    cap = current["pool_size"] + current["max_overflow"]
+    status = poolchart.state(used, cap, waiting)
+    samples = poolhistory.recent(alias)
+    p95 = next((s.wait_p95 for s in reversed(samples) if s.wait_p95 is not None), None)
+    return {
+        "used": used, "idle": idle, "cap": cap, "waiting": waiting, "status": status,
+        "saturation": round(100 * used / cap) if cap else 0,
+        "retired": sum(1 for p in pools if p.get("retired")),
+        "p": current,
+        "totals": {key: sum(p[key] for p in pools) for key in (
+            "checkouts", "waits", "timeouts", "opened", "recycled", "invalidated")},
+        "wait_p95_ms": None if p95 is None else round(p95 * 1000, 1),
+        "gauge": poolchart.gauge(used, idle, cap, current["pool_size"], status),
+        "chart": poolchart.chart(samples, cap),
+    }
+
+
 @require_GET
 def pool(request: HttpRequest) -> HttpResponse:
-    """Show the live pool of every alias in this process."""
+    """Show the live pool of every alias in this process: gauges and the last minutes."""
     try:
-        refresh = min(max(int(request.GET.get("refresh", "0")), 0), 60)
+        refresh = min(max(int(request.GET.get("refresh", "2")), 0), 60)
     except ValueError:
-        refresh = 0
-    return render(request, "shop/pool.html", {**_pools(), "refresh": refresh})
+        refresh = 2
+    context = _pools()
+    for entry in context["aliases"]:
+        entry["card"] = _card(entry["alias"], entry["pools"]) if entry["pools"] else None
+    interval = getattr(settings, "POSTGRESPOOL_METRICS_INTERVAL", 1.0)
+    return render(request, "shop/pool.html", {**context, "refresh": refresh, "interval": interval})
 
 
 @require_GET

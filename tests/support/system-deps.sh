@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Debian packages the suites use beside PostgreSQL itself: PostGIS (the
-# postgis ENGINE's test), PgBouncer (reliability, bench) and wrk (bench).
+# postgis ENGINE's test), PgBouncer (reliability, bench), wrk (bench) and
+# Chromium (the example's /pool/ page, screenshot and DOM).
 # Installs what is missing when we are root with apt; otherwise says what is
 # missing (the tests that need it then say so too).
 set -uo pipefail
@@ -9,6 +10,7 @@ want=()
 [ -d "/usr/share/postgresql/$major/extension" ] && [ -f "/usr/share/postgresql/$major/extension/postgis.control" ] || want+=("postgresql-$major-postgis-3")
 command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || want+=(pgbouncer)
 command -v wrk >/dev/null 2>&1 || want+=(wrk)
+command -v chromium >/dev/null 2>&1 || want+=(chromium fonts-dejavu-core)
 [ ${#want[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "installing system packages: ${want[*]}"
