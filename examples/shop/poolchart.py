@@ -27,9 +27,9 @@ def gauge(used: int, idle: int, cap: int, pool_size: int, status: str) -> SafeSt
     scale = width / max(cap, used + idle, 1)
     used_w, idle_w = used * scale, idle * scale
     tick = pool_size * scale
-    uc, ty, h2 = COLOURS[status], height + 11, height + 14
+    uc, ty, h2 = COLOURS[status], height + 11, height + 16
     return mark_safe(  # numbers only
-        f'<svg class="gauge-bar" width="{width}" height="{h2}" viewBox="0 -2 {width} {h2 + 2}" '
+        f'<svg class="gauge-bar" width="{width}" height="{h2}" viewBox="0 -2 {width} {h2}" '
         f'role="img" aria-label="{used} used, {idle} idle, cap {cap}">'
         f'<rect x="0" y="0" width="{width}" height="{height}" rx="4" fill="#eceff1"/>'
         f'<rect class="used" x="0" y="0" width="{used_w:.1f}" height="{height}" fill="{uc}"/>'

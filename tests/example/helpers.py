@@ -31,7 +31,8 @@ def with_database(server_url: str, name: str, query: str = "") -> str:
 def example_env(database_url: str, **extra: str) -> dict[str, str]:
     """Return the environment the example project runs in."""
     env = {k: v for k, v in os.environ.items() if k not in ("DJANGO_SETTINGS_MODULE", "WEB_CONCURRENCY")}
-    env.update(DATABASE_URL=database_url, PYTHONUNBUFFERED="1", DJANGO_DEBUG="0", **extra)
+    env.update(DATABASE_URL=database_url, PYTHONUNBUFFERED="1", DJANGO_DEBUG="0")
+    env.update(extra)
     return env
 
 

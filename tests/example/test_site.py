@@ -157,7 +157,9 @@ def test_pool_page_shows_every_alias_and_its_counters(site: Served) -> None:
     status, _, html = browser.get("/pool/")
     assert status == 200
     assert f"Connection pools of process {stats['pid']}" in html
-    assert re.search(r"<td>reports</td><td>postgres@127\.0\.0\.1:\d+/example_\w+</td>", html)
+    assert re.search(r'<section class="card ok" id="pool-reports" data-alias="reports"\s+'
+                     r'data-used="0" data-idle="1" data-cap="3"', html)
+    assert re.search(r'<div class="target">postgres@127\.0\.0\.1:\d+/example_\w+', html)
     assert "pool_size=2 max_overflow=1 timeout=30.0s recycle=300.0" in html
 
 
