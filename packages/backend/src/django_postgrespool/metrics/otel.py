@@ -17,18 +17,23 @@ Instruments (every one with ``db.client.connection.pool.name``, the alias):
   ``db.client.connection.timeouts`` (a counter);
 * histograms, in seconds, with the conventions' advised bucket bounds:
   ``db.client.connection.create_time``, ``db.client.connection.wait_time``,
-  ``db.client.connection.use_time``. The API has no observable histogram, so
-  each timing is recorded as it happens, through the pool's timing hook
-  (:func:`django_postgrespool.metrics.add_timing_observer`). The hook is
-  attached once an SDK is there: at registration when the global provider is
-  already an SDK's, else at the SDK's first collection (timings before it are
-  not reported).
+  ``db.client.connection.use_time``. The API has no observable histogram, and
+  replaying the pool's bucket counts at each collection would invent the
+  values; so every timing is taken from the pool's timing hook
+  (:func:`django_postgrespool.metrics.add_timing_observer`) as it happens.
+  A checkout only appends it to a queue (an SDK's ``record()`` costs
+  microseconds); the SDK's next collection records the queued timings into the
+  histograms before it reads them, from its own thread. The hook is attached
+  once an SDK is there: at registration when the global provider is already an
+  SDK's, else at the SDK's first collection (timings before it are not
+  reported).
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -55,6 +60,9 @@ STATE = "db.client.connection.state"
 
 # Every observable callback of one collection reads the same snapshot.
 _SNAPSHOT_TTL = 0.05
+# Timings waiting for the next collection; beyond this the oldest are dropped
+# (an SDK that never collects must not make the queue grow for ever).
+MAX_PENDING = 100_000
 
 
 def _is_sdk(provider: MeterProvider) -> bool:
@@ -70,6 +78,7 @@ class Instruments:
         self._lock = threading.Lock()
         self._snapshot: tuple[float, dict[str, list[Point]]] = (float("-inf"), {})
         self._attributes: dict[str, dict[str, str]] = {}
+        self._pending: deque[tuple[str, TimingKind, float]] = deque(maxlen=MAX_PENDING)
         self.hooked = False
         for name, unit, text in GAUGES:
             meter.create_observable_up_down_counter(
@@ -101,11 +110,21 @@ class Instruments:
         remove_timing_observer(self.record)
 
     def record(self, alias: str, kind: TimingKind, seconds: float) -> None:
-        """Record one timing of the pool of ``alias`` (the pool's timing hook)."""
-        attributes = self._attributes.get(alias)
-        if attributes is None:
-            attributes = self._attributes[alias] = {POOL_NAME: alias}
-        self._histograms[kind].record(seconds, attributes)
+        """Queue one timing of the pool of ``alias`` for the next collection (the timing hook)."""
+        self._pending.append((alias, kind, seconds))  # atomic: no lock on the checkout path
+
+    def flush(self) -> None:
+        """Record the queued timings into the histograms."""
+        pending, attributes, histograms = self._pending, self._attributes, self._histograms
+        while True:
+            try:
+                alias, kind, seconds = pending.popleft()
+            except IndexError:
+                return
+            labels = attributes.get(alias)
+            if labels is None:
+                labels = attributes[alias] = {POOL_NAME: alias}
+            histograms[kind].record(seconds, labels)
 
     def _points(self) -> dict[str, list[Point]]:
         now = time.monotonic()
@@ -123,7 +142,10 @@ class Instruments:
     def _callback(self, name: str) -> Any:
         def observe(options: CallbackOptions) -> Iterable[Observation]:
             # Only an SDK collects: from now on the histograms are worth feeding.
+            # It calls the observable callbacks before it reads the histograms,
+            # so the timings flushed here are part of this collection.
             self.hook()
+            self.flush()
             return [_observation(p) for p in self._points().get(name, [])]
 
         return observe
