@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from django_postgrespool.metrics import Histogram, points
+from django_postgrespool.metrics import Histogram, points, quantile
 
 KEEP_SECONDS = 300
 
@@ -65,21 +65,3 @@ def recent(alias: str) -> list[Sample]:
     with _lock:
         return list(_samples.get(alias, ()))
 
-
-def quantile(q: float, now: Histogram, before: Histogram | None) -> float | None:
-    """Estimate the ``q`` quantile of the observations between two histograms, like PromQL."""
-    counts = list(now.counts)
-    if before is not None and before.buckets == now.buckets and all(
-        b <= c for b, c in zip(before.counts, now.counts, strict=True)
-    ):
-        counts = [c - b for c, b in zip(now.counts, before.counts, strict=True)]
-    total = sum(counts)
-    if total == 0:
-        return None
-    rank, seen, lower = q * total, 0, 0.0
-    for bound, count in zip([*now.buckets, now.buckets[-1]], counts, strict=True):
-        if count and seen + count >= rank:
-            return lower + (bound - lower) * (rank - seen) / count
-        seen += count
-        lower = bound
-    return now.buckets[-1]

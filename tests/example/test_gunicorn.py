@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.example.helpers import (

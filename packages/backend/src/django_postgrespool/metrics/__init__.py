@@ -32,6 +32,7 @@ __all__ = [
     "enabled",
     "notify_timing",
     "points",
+    "quantile",
     "remove_timing_observer",
     "timing_observers",
 ]
@@ -173,3 +174,30 @@ def _merge(histograms: list[Mapping[str, Any] | None]) -> Histogram | None:
             counts[i] += int(c)
         total += float(h["sum"])
     return Histogram(buckets, tuple(counts), total)
+
+
+def quantile(q: float, now: Histogram, before: Histogram | None = None) -> float | None:
+    """Estimate the ``q`` quantile (0..1) of the observations of ``now`` since ``before``.
+
+    As PromQL's ``histogram_quantile``: linear within the bucket the rank
+    falls in; the last bound when it falls above it. None without observations
+    (or when ``before`` is not an earlier state of the same histogram: then
+    all of ``now`` counts).
+    """
+    counts = list(now.counts)
+    if (
+        before is not None
+        and before.buckets == now.buckets
+        and all(b <= c for b, c in zip(before.counts, now.counts, strict=True))
+    ):
+        counts = [c - b for c, b in zip(now.counts, before.counts, strict=True)]
+    total = sum(counts)
+    if total == 0:
+        return None
+    rank, seen, lower = q * total, 0, 0.0
+    for bound, count in zip([*now.buckets, now.buckets[-1]], counts, strict=True):
+        if count and seen + count >= rank:
+            return lower + (bound - lower) * (rank - seen) / count
+        seen += count
+        lower = bound
+    return now.buckets[-1]
