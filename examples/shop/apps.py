@@ -12,10 +12,9 @@ class ShopConfig(AppConfig):
 
     def ready(self) -> None:
         # The /pool/ page's charts: sample the pools from the first request on.
-        from django.core.signals import request_started
         from django_postgrespool.metrics import sampler
 
         from shop import poolhistory
 
         sampler.subscribe(poolhistory.record)
-        request_started.connect(sampler.ensure_running, dispatch_uid="postgrespool-sampler")
+        sampler.start_on_first_request()

@@ -203,13 +203,11 @@ def register(registry: CollectorRegistry = REGISTRY) -> None:
     the default registry, so the pools' figures go through this process's
     files instead, written by the sampler.
     """
-    from django.core.signals import request_started
-
     from django_postgrespool.metrics import sampler
 
     if multiprocess_mode():
         sampler.subscribe(_mirror.write)
-        request_started.connect(sampler.ensure_running, dispatch_uid="postgrespool-sampler")
+        sampler.start_on_first_request()
         return
     if id(registry) not in _registered:
         registry.register(PoolCollector())

@@ -5,10 +5,11 @@ worker reports the other workers from what their samplers last wrote, and the
 example's pool page draws the last minutes from what its sampler kept.
 
 It only reads ``pool_stats()``: it never builds a pool or opens a connection.
-It starts lazily in the process that needs it (``ensure_running()``, cheap
-enough to call at every request): a thread does not survive ``fork()``, so a
-sampler started in gunicorn's master before the workers are forked would not
-run in any of them.
+It starts in the process that serves requests, at its first request
+(``start_on_first_request()``): a thread does not survive ``fork()``, so a
+sampler started in gunicorn's master before the workers are forked would run
+in none of them. The receiver disconnects itself once the thread runs, so
+later requests pay nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["DEFAULT_INTERVAL", "ensure_running", "sample_now", "subscribe", "unsubscribe"]
+__all__ = [
+    "DEFAULT_INTERVAL",
+    "ensure_running",
+    "sample_now",
+    "start_on_first_request",
+    "subscribe",
+    "unsubscribe",
+]
 
 logger = logging.getLogger("django_postgrespool")
 
@@ -54,8 +62,27 @@ def interval() -> float:
     return float(getattr(settings, "POSTGRESPOOL_METRICS_INTERVAL", DEFAULT_INTERVAL))
 
 
-def ensure_running(**_: object) -> None:
-    """Start this process's sampler unless it runs (a ``request_started`` receiver too)."""
+def start_on_first_request() -> None:
+    """Start this process's sampler at its first request (in each forked worker too)."""
+    from django.core.signals import request_started
+
+    request_started.connect(_first_request, dispatch_uid=_DISPATCH_UID)
+
+
+_DISPATCH_UID = "django_postgrespool.metrics.sampler"
+
+
+def _first_request(**_: object) -> None:
+    from django.core.signals import request_started
+
+    ensure_running()
+    # This process's copy of the receiver only: a worker forked later from a
+    # process that served no request (gunicorn's master) still has its own.
+    request_started.disconnect(dispatch_uid=_DISPATCH_UID)
+
+
+def ensure_running() -> None:
+    """Start this process's sampler unless it runs."""
     global _running_in
     pid = os.getpid()
     if _running_in == pid:
