@@ -62,7 +62,7 @@ def chromium(*args: str) -> str:
     assert CHROMIUM is not None
     result = subprocess.run(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-         "--no-first-run", "--disable-dev-shm-usage", f"--window-size={WIDTH},1000", *args],
+         "--no-first-run", "--disable-dev-shm-usage", f"--window-size={WIDTH},820", *args],
         capture_output=True, text=True, timeout=120, check=False,
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -174,7 +174,7 @@ def test_saturated_pool_is_shown_in_red_with_its_waiters_and_fits_1280px(site: S
         deadline = time.monotonic() + 20
         while pool_json(site.base)["default"]["waiting"] < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
-        time.sleep(8)
+        time.sleep(5)
         SCREENSHOT.parent.mkdir(exist_ok=True)
         chromium(f"--screenshot={SCREENSHOT}", site.base + "/pool/?refresh=0")
         loaded = cards(chromium("--dump-dom", site.base + "/pool/?refresh=0"))
