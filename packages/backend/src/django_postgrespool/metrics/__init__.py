@@ -2,9 +2,9 @@
 
 This module needs nothing beyond the core; the exporters are its submodules,
 each behind an extra: :mod:`.otel` (``django-postgrespool[otel]``) and
-:mod:`.prometheus` (``django-postgrespool[prometheus]``). The app's
-``ready()`` registers whichever is installed; ``POSTGRESPOOL_METRICS = False``
-turns them all off.
+:mod:`.prometheus` (``django-postgrespool[prometheus]``).
+:func:`register_exporters` (called by the app's ``ready()``) registers
+whichever is installed; ``POSTGRESPOOL_METRICS = False`` turns them all off.
 
 Two ways in for an exporter:
 
@@ -33,6 +33,7 @@ __all__ = [
     "notify_timing",
     "points",
     "quantile",
+    "register_exporters",
     "remove_timing_observer",
     "timing_observers",
 ]
@@ -72,10 +73,37 @@ def notify_timing(alias: str, kind: TimingKind, seconds: float) -> None:
 
 
 def enabled() -> bool:
-    """Tell whether the settings let the app register the metrics exporters."""
+    """Tell whether the settings let the metrics exporters register (POSTGRESPOOL_METRICS)."""
     from django.conf import settings
 
     return bool(getattr(settings, "POSTGRESPOOL_METRICS", True))
+
+
+_exporters_registered = False
+
+
+def register_exporters() -> None:
+    """Register each exporter whose extra is installed, once, unless POSTGRESPOOL_METRICS is False.
+
+    The app's ``ready()`` calls it; so may the backend when it builds its
+    first pool, for projects without the app. Neither exporter builds a pool.
+    """
+    global _exporters_registered
+    if _exporters_registered:
+        return
+    _exporters_registered = True
+    if not enabled():
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("opentelemetry") is not None:
+        from django_postgrespool.metrics import otel
+
+        otel.register()
+    if importlib.util.find_spec("prometheus_client") is not None:
+        from django_postgrespool.metrics import prometheus
+
+        prometheus.register()
 
 
 # -- the metrics, from a snapshot ------------------------------------------
