@@ -29,7 +29,7 @@ SOURCES = {
     "idle": "an idle connection",
     "handoff": "handed over by a returning request",
     "new": "a new physical connection",
-    "reclaimed": "reclaimed from a leaked checkout",
+    "reclaimed": "reclaimed from a thread that ended without giving it back",
 }
 
 CheckoutInfo = Callable[[str], Mapping[str, Any] | None]
