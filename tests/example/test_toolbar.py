@@ -18,6 +18,7 @@ from tests.example.helpers import (
     start_server,
     stop,
 )
+from tests.support.pgcluster import PASSWORD
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +70,7 @@ def test_panel_shows_the_request_checkout_and_the_pool_state(debug_site: Served)
     assert used >= 1 and cap == 15
     # The 'reports' alias was not used by this request.
     assert "no checkout in this request" in row(content, "reports")
+    assert PASSWORD not in content
 
 
 def test_panel_says_a_request_without_a_query_checked_nothing_out(debug_site: Served) -> None:
