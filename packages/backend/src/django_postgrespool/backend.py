@@ -23,7 +23,7 @@ from django.db.backends.postgresql.creation import DatabaseCreation as PostgreSQ
 from django.db.backends.signals import connection_created
 from django.views.decorators.debug import sensitive_variables
 
-from django_postgrespool import registry
+from django_postgrespool import metrics, registry
 from django_postgrespool.errors import PoolError
 from django_postgrespool.options import POOL_OPTION_NAMES, resolve_pool_options
 from django_postgrespool.pool import ConnectionPool, Lease, Target
@@ -45,6 +45,7 @@ class CheckoutInfo(TypedDict):
     wait: float  # seconds from asking to having the connection
     held: float  # seconds held so far, or until given back
     returned: bool
+    started: float  # time.monotonic() when the checkout began
 
 
 def _freeze(value: Any) -> Hashable:
@@ -259,6 +260,7 @@ class PooledDatabaseWrapperMixin:
             wait=wait,
             held=(time.monotonic() if returned is None else returned) - borrowed_at,
             returned=returned is not None,
+            started=borrowed_at - wait,
         )
 
     def _forget_after_fork(self) -> None:
@@ -307,6 +309,9 @@ class PooledDatabaseWrapperMixin:
 
     @sensitive_variables()
     def _build_pool(self) -> ConnectionPool:
+        # Metrics exporters, for projects without 'django_postgrespool' in
+        # INSTALLED_APPS too (once per process; nothing without the extras).
+        metrics.register_exporters()
         alias: str = self.alias  # type: ignore[attr-defined]
         settings_dict = self.settings_dict  # type: ignore[attr-defined]
         options = resolve_pool_options(

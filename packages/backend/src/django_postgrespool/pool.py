@@ -52,6 +52,7 @@ from typing import Any, TypedDict
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import PoolProxiedConnection, QueuePool
 
+from django_postgrespool import metrics as _metrics
 from django_postgrespool.errors import PoolError, PoolTimeout
 from django_postgrespool.options import PoolOptions
 
@@ -152,15 +153,18 @@ class PoolStats(TypedDict):
 class _Histogram:
     """Counts per fixed bucket and a running sum: no allocation per observation."""
 
-    __slots__ = ("counts", "total")
+    __slots__ = ("alias", "counts", "kind", "total")
 
-    def __init__(self) -> None:
+    def __init__(self, alias: str, kind: _metrics.TimingKind) -> None:
+        self.alias, self.kind = alias, kind
         self.counts = [0] * (len(TIME_BUCKETS) + 1)
         self.total = 0.0
 
     def observe(self, seconds: float) -> None:
         self.counts[bisect.bisect_left(TIME_BUCKETS, seconds)] += 1
         self.total += seconds
+        if _metrics.timing_observers:  # an exporter that needs each timing (OpenTelemetry)
+            _metrics.notify_timing(self.alias, self.kind, seconds)
 
     def snapshot(self) -> HistogramSnapshot:
         counts = list(self.counts)
@@ -314,9 +318,9 @@ class ConnectionPool:
         self._waits = self._timeouts = self._leaks = self._connect_failures = 0
         self._peak = 0
         self._wait_hist, self._use_hist, self._create_hist = (
-            _Histogram(),
-            _Histogram(),
-            _Histogram(),
+            _Histogram(alias, "wait"),
+            _Histogram(alias, "use"),
+            _Histogram(alias, "create"),
         )
         self._last_wait_warning = float("-inf")
         self._waits_warned = 0
