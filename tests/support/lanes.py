@@ -38,6 +38,7 @@ COMMON = [
     "dj-database-url>=3.0",
     "gunicorn>=22",
     "uvicorn>=0.30",
+    "gevent>=24",
     # The optional extras' libraries (metrics, the toolbar panel) and the SDK
     # the OpenTelemetry tests collect with.
     "opentelemetry-api>=1.27",
