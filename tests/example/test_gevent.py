@@ -21,7 +21,9 @@ def test_gevent_worker_shares_the_pool_between_greenlets_within_the_cap(
     served = start_server(
         [sys.executable, "-m", "gunicorn", "--worker-class", "gevent", "--workers", "1",
          "--worker-connections", "64", "--bind", addrport, "exampleproject.wsgi"],
-        example_env(example_db.url + "?pool_size=2&max_overflow=1&timeout=30"),
+        # max_idle: greenlets hold connections while gunicorn writes their
+        # responses; without it the third would close at every return.
+        example_env(example_db.url + "?pool_size=2&max_overflow=1&timeout=30&max_idle=30"),
         tmp_path / "gunicorn.log", port,
     )
 
