@@ -127,7 +127,8 @@ class PooledDatabaseWrapperMixin:
         lease = pool.checkout(
             self._open_physical_connection,
             self._last_lease,
-            None if self.allow_thread_sharing else current_thread(),  # type: ignore[attr-defined]
+            # Shared with other threads (allow_thread_sharing): never reclaimed.
+            None if self._thread_sharing_count else current_thread(),  # type: ignore[attr-defined]
         )
         self._lease = self._last_lease = lease
         self._checkout = (lease.source, lease.wait, lease.borrowed_at)
@@ -148,7 +149,8 @@ class PooledDatabaseWrapperMixin:
             self.isolation_level = lease.isolation_level
             self.autocommit = settings_dict["AUTOCOMMIT"]
             # As Django sends it at every connect(): receivers see each checkout.
-            connection_created.send(sender=self.__class__, connection=self)
+            if connection_created.receivers:
+                connection_created.send(sender=self.__class__, connection=self)
             self.run_on_commit: list[Any] = []
             return
         self._connect_new(lease)

@@ -278,6 +278,11 @@ class ConnectionPool:
         self.retired = False
         self._pre_ping = options.pre_ping
         self._lifo = options.use_lifo
+        # Read on every checkout and checkin: plain attributes, not the options'.
+        self._pool_size = options.pool_size
+        self._max_idle = options.max_idle
+        self._leak_timeout = options.leak_timeout
+        self._rounds = range(options.max_connections + 2)
         self._discard_all = options.reset == "discard"
         self._connect_errors = connect_errors
         # With target_session_attrs=read-write, a ping also proves the server
@@ -370,7 +375,7 @@ class ConnectionPool:
             lease, source = self._take_idle(), "idle"
         # Bounded: a failed health check marks every older connection as
         # suspect, so each further round either verifies one or opens one.
-        for _ in range(self.options.max_connections + 2):
+        for _ in self._rounds:
             if lease is None:
                 lease, source = self._checkout_slow(open_connection, asked)
             problem = None if source == "new" else self._check(lease)
@@ -388,9 +393,9 @@ class ConnectionPool:
                 used = len(self._leases) - len(idle)
                 if used > self._peak:
                     self._peak = used
-                if self.options.max_idle is not None and len(idle) < self._idle_low:
+                if self._max_idle is not None and len(idle) < self._idle_low:
                     self._idle_low = len(idle)
-                if self.options.leak_timeout is not None:
+                if self._leak_timeout is not None:
                     lease.leak_warned = False
                     lease.leak_stack = traceback.format_stack()[:-2]
                 return lease
@@ -651,15 +656,15 @@ class ConnectionPool:
             return
         lease.returned_at = now
         if (
-            len(self._leases) > self.options.pool_size
-            and self.options.max_idle is None
+            len(self._leases) > self._pool_size
+            and self._max_idle is None
             and self._surplus(lease)
         ):
             # Beyond pool_size, with nobody waiting: close it (QueuePool's way).
             self._retire(lease, None, warn=False)
             return
         self._give_back(lease)
-        if self.options.max_idle is not None and now >= self._next_sweep:
+        if self._max_idle is not None and now >= self._next_sweep:
             self.sweep_idle(now)
 
     def _surplus(self, lease: Lease) -> bool:
