@@ -5,6 +5,9 @@ so the second run skips initdb), unless ``DATABASE_URL`` names a server
 already; then runs ``migrate``, loads the sample data and serves the site with
 ``runserver``. Ctrl-C stops the site, then the embedded server.
 
+It prints the database URL (password masked) and a ``psql`` command that
+connects to it (through a libpq password file next to the data).
+
 Environment: ``DATABASE_URL`` (use this server instead), ``DEMO_ADDRPORT``
 (default ``127.0.0.1:8000``), ``DEMO_DATA`` (default ``.pgdata/demo``).
 """
@@ -19,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
+from urllib.parse import urlsplit, urlunsplit
 
 EXAMPLES = Path(__file__).resolve().parent
 ROOT = EXAMPLES.parent
@@ -44,6 +48,27 @@ def manage(env: dict[str, str], *args: str) -> None:
     result = subprocess.run([sys.executable, "manage.py", *args], cwd=EXAMPLES, env=env, check=False)
     if result.returncode != 0:
         raise SystemExit(f"[demo] manage.py {args[0]} failed (exit status {result.returncode}).")
+
+
+def show_url(url: str, pgpass: Path | None) -> None:
+    """Print the database URL, password masked, and a psql command that connects with it."""
+    parts = urlsplit(url)
+    masked = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":********@", 1))
+    say(f"DATABASE_URL={urlunsplit(masked)}")
+    if pgpass is None:
+        say('psql: psql "$DATABASE_URL"')
+        return
+    plain = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", "@", 1))
+    say(f"psql: PGPASSFILE={pgpass} psql '{urlunsplit(plain)}'")
+
+
+def write_pgpass(cluster: Cluster, folder: Path) -> Path:
+    """Write a libpq password file for the embedded server (readable by this user only)."""
+    pgpass = folder / "pgpass"
+    secret = cluster.password.replace("\\", "\\\\").replace(":", "\\:")  # the file's escapes
+    pgpass.write_text(f"{cluster.host}:*:*:{cluster.user}:{secret}\n")
+    pgpass.chmod(0o600)
+    return pgpass
 
 
 def start_cluster(data: Path) -> Cluster:
@@ -101,9 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if env.get("DATABASE_URL"):
             say("Using the server of DATABASE_URL.")
+            show_url(env["DATABASE_URL"], None)
         else:
             cluster = start_cluster(args.data.resolve() / "data")
             env["DATABASE_URL"] = cluster.url(DATABASE)
+            show_url(env["DATABASE_URL"], write_pgpass(cluster, args.data.resolve()))
         manage(env, "migrate", "--noinput")
         manage(env, "demodata")
         manage(env, "check", "--database", "default")

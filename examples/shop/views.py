@@ -8,7 +8,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connections, transaction
-from django.db.models import Count, Sum
+from django.db.models import Count, F, Sum
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.csrf import csrf_exempt
@@ -83,7 +83,9 @@ def report(request: HttpRequest) -> HttpResponse:
         rows = (
             Product.objects.using("reports")
             .annotate(sold=Sum("lines__quantity"), orders=Count("lines__order", distinct=True))
-            .order_by("-sold", "name")
+            # Unsold products have a NULL sum, which PostgreSQL sorts first
+            # in a descending order: put them last.
+            .order_by(F("sold").desc(nulls_last=True), "name")
         )
         rows = list(rows)
         revenue = Order.objects.using("reports").aggregate(total=Sum("total"))["total"]

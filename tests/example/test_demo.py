@@ -103,6 +103,8 @@ def test_readme_quickstart_serves_the_shop_and_ctrl_c_stops_it(
         stop(process, signal.SIGKILL)
     output = log.read_text()
     assert "[demo] Using the server of DATABASE_URL." in output
+    assert "[demo] DATABASE_URL=postgres://postgres:********@127.0.0.1:" in output
+    assert '[demo] psql: psql "$DATABASE_URL"' in output
     assert "[demo] Stopping the site ..." in output
     assert "System check identified no issues (0 silenced)." in output
     assert port_is_closed(port)
@@ -144,6 +146,8 @@ def run_demo_once(data: Path, log: Path) -> tuple[float, str]:
 def test_demo_starts_embedded_postgres_once_and_reuses_its_data(demo_data: Path, tmp_path: Path) -> None:
     first_time, first = run_demo_once(demo_data, tmp_path / "first.log")
     assert "[demo] Creating the embedded PostgreSQL" in first
+    psql = re.search(r"^\[demo\] psql: PGPASSFILE=(\S+) psql '(postgres://postgres@[^']+)'$", first, re.M)
+    assert psql and (Path(psql.group(1)).stat().st_mode & 0o777) == 0o600
     assert "Sample data: loaded 5 products." in first
     assert first.rstrip().endswith("[demo] Stopping the embedded PostgreSQL ...\n[demo] Stopped.")
     assert not (demo_data / "data" / "postmaster.pid").exists()

@@ -169,3 +169,19 @@ def test_password_appears_in_no_page_and_no_server_output(site: Served) -> None:
     for text in [*pages, site.output()]:
         assert PASSWORD not in text
         assert "s3cret" not in text
+
+
+def test_report_lists_products_by_sales_with_unsold_ones_last(site: Served) -> None:
+    browser = Browser(site.base)
+    status, _, _ = browser.post(
+        "/api/orders/", body=json.dumps({"sku": "espresso-cup", "quantity": 1}).encode()
+    )
+    assert status == 201
+    status, _, html = browser.get("/report/")
+    assert status == 200
+    rows = re.findall(r"<tr><td>([^<]+)</td><td class=\"num\">(\d+)</td>", html)
+    sold = [int(n) for _, n in rows]
+    names = [name for name, _ in rows]
+    assert "Espresso cup" in names and "Paper filters (100)" in names
+    assert sold[0] > 0 and sold[-1] == 0  # sold products first, unsold (NULL sum) last
+    assert sold == sorted(sold, reverse=True), rows
