@@ -13,7 +13,7 @@ command -v wrk >/dev/null 2>&1 || want+=(wrk)
 command -v chromium >/dev/null 2>&1 || want+=(chromium fonts-dejavu-core)
 [ ${#want[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  echo "==> installing Debian packages with apt-get, as root: ${want[*]} (skip: install them yourself first)"
+  echo "==> installing Debian packages the suites need, with apt-get as root: ${want[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq >/dev/null && apt-get install -y -qq "${want[@]}" >/dev/null || {
     echo "!! could not install ${want[*]}"; exit 1; }
