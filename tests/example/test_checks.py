@@ -11,12 +11,13 @@ from django.core import checks
 from django.db import connections
 from django.test import override_settings
 from django_postgrespool import pool_stats
-from django_postgrespool.checks import budget, conn_max_age, pgbouncer, topics
+from django_postgrespool import checks as pool_checks
+from django_postgrespool._rules import DOCS_URL
 
-SIZING = "See README.rst, section 'Sizing the pool'."
+SIZING = f"See {DOCS_URL}guide/sizing.html"
 AGE_HINT = (
     "Set CONN_MAX_AGE = 0: the pool already keeps connections open, and each request then "
-    "gives its connection back to the pool. See README.rst, section 'CONN_MAX_AGE'."
+    f"gives its connection back to the pool. See {DOCS_URL}guide/configuration.html"
 )
 BUDGET_HINT_20 = (
     "Lower pool_size + max_overflow so that workers × (pool_size + max_overflow) stays within "
@@ -33,9 +34,10 @@ def ids(messages: list[checks.CheckMessage]) -> list[str]:
     return [m.id for m in messages]  # type: ignore[misc]
 
 
-def test_every_topic_is_registered_with_django() -> None:
+def test_every_check_is_registered_with_django() -> None:
     registered = checks.registry.registry.get_checks()
-    for check, tags in topics.ALL:
+    assert len(pool_checks._CHECKS) == 6
+    for check, tags in pool_checks._CHECKS:
         assert check in registered
         assert set(tags) <= set(check.tags)  # type: ignore[attr-defined]
 
@@ -43,7 +45,7 @@ def test_every_topic_is_registered_with_django() -> None:
 @override_settings(DATABASE_POOL_ARGS={"max_overflow": 10, "pool_size": 5}, POSTGRESPOOL_MAX_CONNECTIONS=20)
 def test_original_readme_pool_args_exceed_heroku_limit_with_two_workers(monkeypatch) -> None:
     monkeypatch.setenv("WEB_CONCURRENCY", "2")
-    assert budget.check_budget_against_setting() == [
+    assert pool_checks.check_budget_against_setting() == [
         checks.Error(
             f"The pools of alias 'default' may open 2 × (15) = 30 connections to {server()} "
             f"(workers: WEB_CONCURRENCY), more than the 20 it accepts (POSTGRESPOOL_MAX_CONNECTIONS).",
@@ -56,13 +58,13 @@ def test_original_readme_pool_args_exceed_heroku_limit_with_two_workers(monkeypa
 @override_settings(DATABASE_POOL_ARGS={"max_overflow": 10, "pool_size": 5}, POSTGRESPOOL_MAX_CONNECTIONS=20)
 def test_one_process_of_fifteen_connections_fits_heroku_limit(monkeypatch) -> None:
     monkeypatch.delenv("WEB_CONCURRENCY", raising=False)
-    assert budget.check_budget_against_setting() == []
+    assert pool_checks.check_budget_against_setting() == []
 
 
 @override_settings(POSTGRESPOOL_WORKERS=1, POSTGRESPOOL_MAX_CONNECTIONS=20)
 def test_budget_sums_every_alias_on_the_same_server(pooled_alias) -> None:
     pooled_alias("pooled", pool_options={"pool_size": 4, "max_overflow": 2})
-    [error] = budget.check_budget_against_setting()
+    [error] = pool_checks.check_budget_against_setting()
     assert error.msg == (
         f"The pools of aliases 'default', 'pooled' may open 1 × (15 + 6) = 21 connections to "
         f"{server()} (workers: POSTGRESPOOL_WORKERS), more than the 20 it accepts "
@@ -84,19 +86,19 @@ def test_bad_worker_or_limit_setting_is_an_error(monkeypatch, overrides, env, me
     if env is not None:
         monkeypatch.setenv("WEB_CONCURRENCY", env)
     with override_settings(**overrides):
-        assert budget.check_budget_against_setting() == [
+        assert pool_checks.check_budget_against_setting() == [
             checks.Error(message, hint=SIZING, id="postgrespool.E002")
         ]
 
 
 def test_invalid_pool_options_are_reported_by_check(pooled_alias) -> None:
     pooled_alias("pooled", pool_options={"poolsize": 3})
-    assert budget.check_budget_against_setting() == [
+    assert pool_checks.check_budget_against_setting() == [
         checks.Error(
             "DATABASES['pooled']['POOL_OPTIONS']: unknown pool option 'poolsize' (did you mean "
-            "'pool_size'?). Valid options: leak_timeout, max_idle, max_overflow, pool_size, pre_ping, recycle, reset, "
-            "timeout, use_lifo.",
-            hint="Fix the pool options. See README.rst, section 'Pool options'.",
+            "'pool_size'?). Valid options: leak_timeout, max_idle, max_overflow, pool_size, "
+            "pre_ping, recycle, reset, timeout, use_lifo.",
+            hint=f"Fix the pool options. See {DOCS_URL}reference/options.html",
             id="postgrespool.E005",
         )
     ]
@@ -104,10 +106,10 @@ def test_invalid_pool_options_are_reported_by_check(pooled_alias) -> None:
 
 def test_server_limit_is_only_queried_when_checks_run_for_a_database() -> None:
     with override_settings(POSTGRESPOOL_WORKERS=100):
-        assert budget.check_budget_against_server(databases=None) == []
+        assert pool_checks.check_budget_against_server(databases=None) == []
         assert "postgrespool.E001" not in ids(checks.run_checks())
         assert pool_stats() == []  # no connection was made
-        [error] = budget.check_budget_against_server(databases=["default"])
+        [error] = pool_checks.check_budget_against_server(databases=["default"])
     assert error == checks.Error(
         f"The pools of alias 'default' may open 100 × (15) = 1500 connections to {server()} "
         f"(workers: POSTGRESPOOL_WORKERS), more than the 300 it accepts (max_connections=300, "
@@ -119,7 +121,7 @@ def test_server_limit_is_only_queried_when_checks_run_for_a_database() -> None:
         id="postgrespool.E001",
     )
     with override_settings(POSTGRESPOOL_WORKERS=20):  # 20 × 15 = 300: just fits
-        assert budget.check_budget_against_server(databases=["default"]) == []
+        assert pool_checks.check_budget_against_server(databases=["default"]) == []
 
 
 def test_server_limit_leaves_superuser_reserved_slots_to_other_roles(pooled_alias, monitor) -> None:
@@ -129,7 +131,7 @@ def test_server_limit_leaves_superuser_reserved_slots_to_other_roles(pooled_alia
     try:
         pooled_alias("pooled", USER=role, PASSWORD="role-pw", HOST="localhost")
         with override_settings(POSTGRESPOOL_WORKERS=20):
-            [error] = budget.check_budget_against_server(databases=["pooled"])
+            [error] = pool_checks.check_budget_against_server(databases=["pooled"])
         assert error.msg.endswith(
             "more than the 297 it accepts (max_connections=300 minus 3 reserved for superusers, "
             "read through alias 'pooled')."
@@ -149,7 +151,7 @@ def test_unreachable_server_is_a_warning_not_a_crash(pooled_alias) -> None:
         s.bind(("127.0.0.1", 0))
         dead_port = s.getsockname()[1]  # bound, never listening: connection refused
         pooled_alias("pooled", PORT=str(dead_port), POOL_OPTIONS={"timeout": 2})
-        messages = budget.check_budget_against_server(databases=["pooled"])
+        messages = pool_checks.check_budget_against_server(databases=["pooled"])
     assert messages == [
         checks.Warning(
             f"Could not read the connection limit of 127.0.0.1:{dead_port} through alias "
@@ -162,7 +164,7 @@ def test_unreachable_server_is_a_warning_not_a_crash(pooled_alias) -> None:
 
 def test_conn_max_age_none_warns_that_threads_never_give_back(pooled_alias) -> None:
     pooled_alias("pooled", CONN_MAX_AGE=None, POOL_OPTIONS={"pool_size": 2, "max_overflow": 1})
-    assert conn_max_age.check_conn_max_age() == [
+    assert pool_checks.check_conn_max_age() == [
         checks.Warning(
             "DATABASES['pooled']['CONN_MAX_AGE'] is None: each thread keeps its pooled "
             "connection for ever, so no more than pool_size + max_overflow = 3 threads can ever "
@@ -175,7 +177,7 @@ def test_conn_max_age_none_warns_that_threads_never_give_back(pooled_alias) -> N
 
 def test_positive_conn_max_age_warns_that_connections_are_not_shared(pooled_alias) -> None:
     pooled_alias("pooled", CONN_MAX_AGE=60)
-    assert conn_max_age.check_conn_max_age() == [
+    assert pool_checks.check_conn_max_age() == [
         checks.Warning(
             "DATABASES['pooled']['CONN_MAX_AGE'] is 60: each thread keeps its pooled connection "
             "for up to 60 seconds between requests, and no other thread can borrow it meanwhile; "
@@ -188,37 +190,37 @@ def test_positive_conn_max_age_warns_that_connections_are_not_shared(pooled_alia
 
 def test_conn_max_age_zero_is_silent(pooled_alias) -> None:
     pooled_alias("pooled", CONN_MAX_AGE=0)
-    assert conn_max_age.check_conn_max_age() == []
+    assert pool_checks.check_conn_max_age() == []
 
 
 PGB_HINT = (
     "Map each alias that connects through PgBouncer to its pool_mode, e.g. "
     "POSTGRESPOOL_PGBOUNCER = {'default': 'transaction'}; None means no PgBouncer. "
-    "See README.rst, section 'Behind PgBouncer'."
+    f"See {DOCS_URL}guide/pgbouncer.html"
 )
 
 
 def test_declared_transaction_mode_pgbouncer_requires_disabled_server_side_cursors(pooled_alias) -> None:
     pooled_alias("pooled")
     with override_settings(POSTGRESPOOL_PGBOUNCER={"pooled": "transaction"}):
-        assert pgbouncer.check_declared_pgbouncer() == [
+        assert pool_checks.check_declared_pgbouncer() == [
             checks.Error(
                 "Alias 'pooled' connects through PgBouncer in transaction mode "
                 "(POSTGRESPOOL_PGBOUNCER) but DATABASES['pooled']['DISABLE_SERVER_SIDE_CURSORS'] "
                 "is not True: QuerySet.iterator() would fail with 'cursor does not exist'.",
                 hint="Set DATABASES['pooled']['DISABLE_SERVER_SIDE_CURSORS'] = True. "
-                "See README.rst, section 'Behind PgBouncer'.",
+                f"See {DOCS_URL}guide/pgbouncer.html",
                 id="postgrespool.E003",
             )
         ]
     with override_settings(POSTGRESPOOL_PGBOUNCER={"pooled": "session"}):
-        assert pgbouncer.check_declared_pgbouncer() == []
+        assert pool_checks.check_declared_pgbouncer() == []
 
 
 def test_declared_pgbouncer_with_disabled_server_side_cursors_passes(pooled_alias) -> None:
     pooled_alias("pooled", DISABLE_SERVER_SIDE_CURSORS=True)
     with override_settings(POSTGRESPOOL_PGBOUNCER={"pooled": "transaction"}):
-        assert pgbouncer.check_declared_pgbouncer() == []
+        assert pool_checks.check_declared_pgbouncer() == []
 
 
 @pytest.mark.parametrize(
@@ -231,7 +233,7 @@ def test_declared_pgbouncer_with_disabled_server_side_cursors_passes(pooled_alia
 )
 def test_bad_pgbouncer_setting_lists_the_valid_values(value, message) -> None:
     with override_settings(POSTGRESPOOL_PGBOUNCER=value):
-        assert pgbouncer.check_declared_pgbouncer() == [
+        assert pool_checks.check_declared_pgbouncer() == [
             checks.Error(message, hint=PGB_HINT, id="postgrespool.E004")
         ]
 
@@ -279,8 +281,8 @@ def test_proxy_with_another_port_is_detected_when_checks_run_for_the_database(
     pooled_alias, tcp_proxy
 ) -> None:
     pooled_alias("pooled", PORT=str(tcp_proxy))
-    assert pgbouncer.check_proxy_in_between(databases=None) == []
-    assert pgbouncer.check_proxy_in_between(databases=["default", "pooled"]) == [
+    assert pool_checks.check_proxy_in_between(databases=None) == []
+    assert pool_checks.check_proxy_in_between(databases=["default", "pooled"]) == [
         checks.Warning(
             f"Alias 'pooled' connects to port {tcp_proxy} but the server listens on port "
             f"{connections.settings['default']['PORT']}: a proxy sits in between. If it is "
@@ -290,18 +292,18 @@ def test_proxy_with_another_port_is_detected_when_checks_run_for_the_database(
                 "Behind PgBouncer in transaction mode set DATABASES['pooled']"
                 "['DISABLE_SERVER_SIDE_CURSORS'] = True; otherwise declare the proxy with "
                 "POSTGRESPOOL_PGBOUNCER = {'pooled': 'session'} (or None). "
-                "See README.rst, section 'Behind PgBouncer'."
+                f"See {DOCS_URL}guide/pgbouncer.html"
             ),
             id="postgrespool.W004",
         )
     ]
     with override_settings(POSTGRESPOOL_PGBOUNCER={"pooled": None}):
-        assert pgbouncer.check_proxy_in_between(databases=["pooled"]) == []
+        assert pool_checks.check_proxy_in_between(databases=["pooled"]) == []
 
 
 def test_proxy_check_is_silent_with_server_side_cursors_disabled(pooled_alias, tcp_proxy) -> None:
     pooled_alias("pooled", PORT=str(tcp_proxy), DISABLE_SERVER_SIDE_CURSORS=True)
-    assert pgbouncer.check_proxy_in_between(databases=["pooled"]) == []
+    assert pool_checks.check_proxy_in_between(databases=["pooled"]) == []
 
 
 def test_real_pgbouncer_in_transaction_mode_is_detected_as_a_proxy(pooled_alias, cluster) -> None:
@@ -309,15 +311,15 @@ def test_real_pgbouncer_in_transaction_mode_is_detected_as_a_proxy(pooled_alias,
 
     with PgBouncer(cluster, pool_mode="transaction", pool_size=2) as bouncer:
         pooled_alias("pooled", PORT=str(bouncer.port))
-        [warning] = pgbouncer.check_proxy_in_between(databases=["pooled"])
+        [warning] = pool_checks.check_proxy_in_between(databases=["pooled"])
         assert warning.id == "postgrespool.W004"
         assert warning.msg.startswith(
             f"Alias 'pooled' connects to port {bouncer.port} but the server listens on port "
             f"{cluster.port}: a proxy sits in between."
         )
         with override_settings(POSTGRESPOOL_PGBOUNCER={"pooled": "transaction"}):
-            assert ids(pgbouncer.check_declared_pgbouncer()) == ["postgrespool.E003"]
-            assert pgbouncer.check_proxy_in_between(databases=["pooled"]) == []
+            assert ids(pool_checks.check_declared_pgbouncer()) == ["postgrespool.E003"]
+            assert pool_checks.check_proxy_in_between(databases=["pooled"]) == []
         for conn in connections.all(initialized_only=True):
             conn.close()
         from django_postgrespool import close_pools

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 
+from django_postgrespool._rules import DOCS_URL
+
 from tests.example.helpers import ExampleDatabase, manage
 from tests.support.pgcluster import PASSWORD
 
@@ -82,7 +84,7 @@ def test_check_fails_when_two_workers_exceed_a_limit_of_twenty(example_db: Examp
         f"2 × (15 + 3) = 36 connections to {server} (workers: WEB_CONCURRENCY), more than the "
         f"20 it accepts (POSTGRESPOOL_MAX_CONNECTIONS).\n"
         f"\tHINT: Lower pool_size + max_overflow so that workers × (pool_size + max_overflow) "
-        f"stays within 20, run fewer workers, or raise the server's limit. See README.rst, "
-        f"section 'Sizing the pool'."
+        f"stays within 20, run fewer workers, or raise the server's limit. "
+        f"See {DOCS_URL}guide/sizing.html"
     ) in result.stderr
     assert PASSWORD not in result.stderr + result.stdout

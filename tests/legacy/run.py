@@ -55,7 +55,8 @@ REQUIREMENTS = [
 REQUIREMENTS_DJ14 = ["Django==1.4.22", *REQUIREMENTS[2:]]
 PATHS = [ROOT / "packages" / "backend" / "src", ROOT / "packages" / "south_adapter" / "src"]
 DATABASE = "postgrespool_legacy"
-VALID = "max_overflow, pool_size, pre_ping, recycle, reset, timeout, use_lifo"
+VALID = "leak_timeout, max_idle, max_overflow, pool_size, pre_ping, recycle, reset, timeout, use_lifo"
+DOCS = "https://django-postgrespool.readthedocs.io/en/latest/"
 
 
 def say(message: str) -> None:
@@ -294,7 +295,7 @@ def test_pool_cap_raises_pool_timeout_naming_alias_and_sizes(lane: Lane) -> None
         "checked out and none was returned within timeout=1s. Hint: look for requests or "
         "threads that hold a connection (long transactions, CONN_MAX_AGE > 0 with more "
         "threads than connections), or raise pool_size/max_overflow if the server's "
-        "max_connections allows it (README.rst, 'Sizing the pool')."
+        f"max_connections allows it. See {DOCS}guide/sizing.html"
     ), report["timeout_error"]
 
 
@@ -318,6 +319,23 @@ def test_invalid_database_pool_args_is_improperly_configured(lane: Lane) -> None
         "ImproperlyConfigured: DATABASES['default']['POOL_OPTIONS']: pool option 'pre_ping' "
         "must be one of True, False or 'socket'; got 'always'."
     ) in done.stderr, done.stderr
+
+
+def test_options_the_legacy_backend_lacks_are_refused_unless_none(lane: Lane) -> None:
+    for option in ("max_idle", "leak_timeout"):
+        done = lane.manage("pool_probe", ok=False, LEGACY_POOL_OPTIONS=f'{{"{option}": 30}}')
+        assert (
+            f"ImproperlyConfigured: DATABASES['default']['POOL_OPTIONS']: pool option '{option}' "
+            "is not available on Python 2.7 with Django 1.4-1.6 (the legacy backend); remove "
+            f"it, or set it to None. See {DOCS}guide/south.html"
+        ) in done.stderr, done.stderr
+    done = lane.manage("pool_probe", ok=False, LEGACY_POOL_ARGS='{"max_idle": "soon"}')
+    assert (
+        "ImproperlyConfigured: DATABASE_POOL_ARGS: pool option 'max_idle' must be a number of "
+        "seconds > 0, or None (off); got 'soon'."
+    ) in done.stderr, done.stderr
+    off = '{"pool_size": 2, "max_overflow": 1, "timeout": 1, "max_idle": null, "leak_timeout": null}'
+    assert lane.manage("pool_probe", LEGACY_POOL_OPTIONS=off).returncode == 0
 
 
 def test_django_test_runner_migrates_and_drops_a_pooled_test_database(lane: Lane) -> None:
@@ -361,6 +379,7 @@ TESTS: list[Callable[[Lane], None]] = [
     test_pool_cap_raises_pool_timeout_naming_alias_and_sizes,
     test_unknown_pool_option_is_improperly_configured,
     test_invalid_database_pool_args_is_improperly_configured,
+    test_options_the_legacy_backend_lacks_are_refused_unless_none,
     test_django_test_runner_migrates_and_drops_a_pooled_test_database,
     test_django_14_requests_reuse_one_backend_pid_and_roll_back,
     test_password_never_appears_in_any_output,

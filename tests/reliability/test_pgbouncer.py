@@ -201,7 +201,6 @@ def _check_ids(alias: str) -> set[str]:
 
 
 def test_system_check_catches_missing_disable_server_side_cursors(bouncer_alias):
-    pytest.importorskip("django_postgrespool.checks.pgbouncer")
     alias, _ = bouncer_alias("bouncer-check", disable_cursors=False)
     # Not declared: the port probe sees a proxy in between.
     assert "postgrespool.W004" in _check_ids(alias)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 from django.conf import settings
 from django.core import checks
-from django_postgrespool.checks.south import check_south_settings
+from django_postgrespool._rules import DOCS_URL
+from django_postgrespool.checks import check_south_settings
 
-HINT_END = "See README.rst, section 'South (Django 1.6 and older)'."
+HINT_END = f"See {DOCS_URL}guide/south.html"
 
 
 def test_no_south_no_warning():

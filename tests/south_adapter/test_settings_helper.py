@@ -54,7 +54,7 @@ def test_no_pooled_alias_gives_an_empty_mapping():
 
 
 def test_engines_match_the_backends_check_list():
-    from django_postgrespool.checks._common import POOLED_ENGINES as backend_engines
+    from django_postgrespool.checks import POOLED_ENGINES as backend_engines
 
     assert set(POOLED_ENGINES) == set(backend_engines)
 

@@ -3,7 +3,8 @@
 
 ``base.py`` loads this module instead of ``backend.py`` on Python 2; the
 modern code never imports it. It keeps the modern backend's contract in
-Python 2 syntax: the same options and error messages (``options.py``), a
+Python 2 syntax: the same options and error messages (``_rules.py``, shared
+with ``options.py``; ``max_idle`` and ``leak_timeout`` are refused here), a
 QueuePool of SQLAlchemy 1.3/1.4 with a cap and a timeout, a rollback (or
 DISCARD ALL) when a connection is returned, and a health check at checkout.
 
@@ -14,9 +15,7 @@ close it in ``close``; for them ``_cursor`` is Django's own code run with a
 """
 from __future__ import absolute_import
 
-import difflib
 import logging
-import math
 import os
 import select
 import threading
@@ -40,6 +39,8 @@ except ImportError:  # pragma: no cover - told to the user
         "Did you install it? pip install 'SQLAlchemy>=1.3,<2.0'"
     )
 
+from django_postgrespool import _rules
+
 __all__ = [
     "POOL_OPTION_NAMES",
     "DatabaseCreation",
@@ -54,158 +55,20 @@ __all__ = [
 
 logger = logging.getLogger("django_postgrespool")
 
-# -- options: the rules and messages of options.py, in Python 2 ---------------
+# -- options: the rules and messages of _rules.py, shared with options.py -------
 
-_DEFAULTS = {
-    "pool_size": 5,
-    "max_overflow": 10,
-    "recycle": 3600.0,
-    "timeout": 30.0,
-    "pre_ping": "socket",
-    "use_lifo": False,
-    "reset": "rollback",
-}
-POOL_OPTION_NAMES = tuple(sorted(_DEFAULTS))
-_TRUE = ("true", "yes", "on", "1")
-_FALSE = ("false", "no", "off", "0")
-_NEVER = ("none", "never", "-1")
-_text = basestring  # noqa: F821 - Python 2
-_integer = (int, long)  # noqa: F821 - Python 2
-
-
-class _Invalid(ValueError):
-    pass
-
-
-def _r(value):
-    """repr() as Python 3 writes it, so that messages read the same in both lanes."""
-    if isinstance(value, _text):
-        return "'%s'" % (value,)
-    return repr(value)
-
-
-def _int(value, minimum):
-    expected = "an integer >= %d" % minimum
-    if isinstance(value, bool):
-        raise _Invalid(expected)
-    if isinstance(value, _text):
-        try:
-            value = int(value.strip())
-        except ValueError:
-            raise _Invalid(expected)
-    if not isinstance(value, _integer) or value < minimum:
-        raise _Invalid(expected)
-    return int(value)
-
-
-def _seconds(value):
-    expected = "a number of seconds > 0"
-    if isinstance(value, bool):
-        raise _Invalid(expected)
-    if isinstance(value, _text):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise _Invalid(expected)
-    if not isinstance(value, _integer + (float,)) or math.isinf(value) or math.isnan(value) \
-            or value <= 0:
-        raise _Invalid(expected)
-    return float(value)
-
-
-def _recycle(value):
-    if value is None or (isinstance(value, _text) and value.strip().lower() in _NEVER):
-        return None
-    if isinstance(value, _integer + (float,)) and not isinstance(value, bool) and value == -1:
-        return None
-    try:
-        return _seconds(value)
-    except _Invalid:
-        raise _Invalid("a number of seconds > 0, or None (never recycle)")
-
-
-def _bool(value):
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, _integer) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, _text):
-        word = value.strip().lower()
-        if word in _TRUE:
-            return True
-        if word in _FALSE:
-            return False
-    raise _Invalid("a boolean (True/False, 'true'/'false', 1/0)")
-
-
-def _pre_ping(value):
-    if isinstance(value, _text) and value.strip().lower() == "socket":
-        return "socket"
-    try:
-        return _bool(value)
-    except _Invalid:
-        raise _Invalid("one of True, False or 'socket'")
-
-
-def _reset(value):
-    if isinstance(value, _text) and value.strip().lower() in ("rollback", "discard"):
-        return str(value.strip().lower())
-    raise _Invalid("one of 'rollback' or 'discard'")
-
-
-_NORMALIZERS = {
-    "pool_size": lambda v: _int(v, 1),
-    "max_overflow": lambda v: _int(v, 0),
-    "recycle": _recycle,
-    "timeout": _seconds,
-    "pre_ping": _pre_ping,
-    "use_lifo": _bool,
-    "reset": _reset,
-}
-
-
-def normalize_pool_options(options, source):
-    """Validate pool options and return them in their canonical types."""
-    if not isinstance(options, dict):
-        raise ImproperlyConfigured(
-            "%s must be a dict of pool options, got %s. Valid options: %s."
-            % (source, type(options).__name__, ", ".join(POOL_OPTION_NAMES))
-        )
-    normalized = {}
-    for key, value in options.items():
-        normalizer = _NORMALIZERS.get(key) if isinstance(key, _text) else None
-        if normalizer is None:
-            close = difflib.get_close_matches(str(key), POOL_OPTION_NAMES, n=1)
-            hint = " (did you mean %s?)" % _r(close[0]) if close else ""
-            raise ImproperlyConfigured(
-                "%s: unknown pool option %s%s. Valid options: %s."
-                % (source, _r(key), hint, ", ".join(POOL_OPTION_NAMES))
-            )
-        try:
-            normalized[str(key)] = normalizer(value)
-        except _Invalid as error:
-            raise ImproperlyConfigured(
-                "%s: pool option %s must be %s; got %s." % (source, _r(key), error, _r(value))
-            )
-    return normalized
+POOL_OPTION_NAMES = _rules.NAMES
+normalize_pool_options = _rules.normalize
+_r = _rules._r
+# Options this backend does not implement: refused unless None.
+_UNAVAILABLE = ("leak_timeout", "max_idle")
 
 
 def resolve_pool_options(alias, settings_dict):
     """Merge DATABASE_POOL_ARGS < pool keys in OPTIONS < POOL_OPTIONS, validated."""
-    merged = dict(_DEFAULTS)
-    global_args = getattr(settings, "DATABASE_POOL_ARGS", None)
-    if global_args is not None:
-        merged.update(normalize_pool_options(global_args, "DATABASE_POOL_ARGS"))
-    in_options = dict(
-        (k, v) for k, v in (settings_dict.get("OPTIONS") or {}).items() if k in _NORMALIZERS
-    )
-    merged.update(normalize_pool_options(in_options, "DATABASES[%s]['OPTIONS']" % _r(alias)))
-    per_alias = settings_dict.get("POOL_OPTIONS")
-    merged.update(
-        normalize_pool_options(
-            {} if per_alias is None else per_alias, "DATABASES[%s]['POOL_OPTIONS']" % _r(alias)
-        )
-    )
+    merged = dict(_rules.DEFAULTS)
+    merged.update(_rules.merge(alias, settings_dict, getattr(settings, "DATABASE_POOL_ARGS", None),
+                               _UNAVAILABLE))
     return merged
 
 
@@ -221,15 +84,7 @@ class PoolTimeout(_OperationalError):
     def __init__(self, alias, pool_size, max_overflow, checked_out, timeout):
         self.alias = alias
         super(PoolTimeout, self).__init__(
-            "Connection pool of database alias %s is exhausted: %d of %d connections "
-            "(pool_size=%d + max_overflow=%d) are checked out and none was returned "
-            "within timeout=%gs. Hint: look for requests or threads that hold a "
-            "connection (long transactions, CONN_MAX_AGE > 0 with more threads than "
-            "connections), or raise pool_size/max_overflow if the server's "
-            "max_connections allows it (README.rst, 'Sizing the pool')."
-            % (_r(alias), checked_out, pool_size + max_overflow, pool_size, max_overflow,
-               timeout)
-        )
+            _rules.timeout_message(alias, pool_size, max_overflow, checked_out, timeout))
 
 
 # -- the pool ---------------------------------------------------------------------
@@ -464,7 +319,7 @@ class DatabaseWrapper(_pg.DatabaseWrapper):
         self._pool = self._pool_fairy = None
 
     def _checkout(self, conn_params):
-        params = dict((k, v) for k, v in conn_params.items() if k not in _NORMALIZERS)
+        params = dict((k, v) for k, v in conn_params.items() if k not in _rules.NORMALIZERS)
         pool = _get_pool(self.alias, self.settings_dict, params)
         fairy = pool.checkout()
         self._pool, self._pool_fairy = pool, fairy

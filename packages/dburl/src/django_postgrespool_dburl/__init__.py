@@ -69,7 +69,7 @@ _SHOWN = 256  # longest URL quoted in a message; the rest is elided
 
 
 class PoolArgs(TypedDict, total=False):
-    """The pool options, as keyword arguments (see README.rst, "Pool options")."""
+    """The pool options, as keyword arguments (docs: reference/options)."""
 
     pool_size: int | str
     max_overflow: int | str
@@ -80,6 +80,17 @@ class PoolArgs(TypedDict, total=False):
     reset: str
     max_idle: float | str | None
     leak_timeout: float | str | None
+
+
+class _DjArgs(TypedDict):
+    """dj-database-url's own keywords, as parse() and config() take them."""
+
+    engine: str | None
+    conn_max_age: int | None
+    conn_health_checks: bool
+    disable_server_side_cursors: bool
+    ssl_require: bool
+    test_options: dict[str, Any] | None
 
 
 class PooledDBConfig(dj_database_url.DBConfig, total=False):
@@ -194,17 +205,15 @@ def parse(
     **pool_options: Unpack[PoolArgs],
 ) -> PooledDBConfig:
     """Parse a PostgreSQL URL into a ``DATABASES`` entry for the pooled engine."""
-    return _parse(
-        url,
-        "database URL",
-        engine,
-        conn_max_age,
-        conn_health_checks,
-        disable_server_side_cursors,
-        ssl_require,
-        test_options,
-        dict(pool_options),
+    dj_args = _DjArgs(
+        engine=engine,
+        conn_max_age=conn_max_age,
+        conn_health_checks=conn_health_checks,
+        disable_server_side_cursors=disable_server_side_cursors,
+        ssl_require=ssl_require,
+        test_options=test_options,
     )
+    return _parse(url, "database URL", dj_args, dict(pool_options))
 
 
 def config(
@@ -233,29 +242,19 @@ def config(
                 f"such as {_EXAMPLE}, or pass default=."
             )
         url, label = default, "config() default"
-    return _parse(
-        url,
-        label,
-        engine,
-        conn_max_age,
-        conn_health_checks,
-        disable_server_side_cursors,
-        ssl_require,
-        test_options,
-        dict(pool_options),
+    dj_args = _DjArgs(
+        engine=engine,
+        conn_max_age=conn_max_age,
+        conn_health_checks=conn_health_checks,
+        disable_server_side_cursors=disable_server_side_cursors,
+        ssl_require=ssl_require,
+        test_options=test_options,
     )
+    return _parse(url, label, dj_args, dict(pool_options))
 
 
 def _parse(
-    url: object,
-    label: str,
-    engine: str | None,
-    conn_max_age: int | None,
-    conn_health_checks: bool,
-    disable_server_side_cursors: bool,
-    ssl_require: bool,
-    test_options: dict[str, Any] | None,
-    pool_kwargs: dict[str, Any],
+    url: object, label: str, dj_args: _DjArgs, pool_kwargs: dict[str, Any]
 ) -> PooledDBConfig:
     if not isinstance(url, str):
         raise DatabaseURLError(f"The {label} must be a str, got {type(url).__name__}.")
@@ -285,12 +284,7 @@ def _parse(
     try:
         settings: PooledDBConfig = dj_database_url.parse(  # type: ignore[assignment]
             f"{scheme}{url[len(scheme) :]}",
-            engine=engine or SCHEMES[scheme],
-            conn_max_age=conn_max_age,  # type: ignore[arg-type]  # int only in 3.0
-            conn_health_checks=conn_health_checks,
-            disable_server_side_cursors=disable_server_side_cursors,
-            ssl_require=ssl_require,
-            test_options=test_options,
+            **{**dj_args, "engine": dj_args["engine"] or SCHEMES[scheme]},  # type: ignore[arg-type]
         )
     except ValueError:
         # The driver's reason may quote a piece of a badly quoted password.

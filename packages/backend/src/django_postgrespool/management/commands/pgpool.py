@@ -15,7 +15,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError, connections
 
-from django_postgrespool.checks._common import pooled_aliases
+from django_postgrespool.checks import pooled_aliases
 from django_postgrespool.registry import pool_stats
 
 _SERVER_SQL = """
