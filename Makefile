@@ -67,6 +67,15 @@ lint: ## Type-check the packages (mypy, strict) and lint them (ruff)
 	$$py -m mypy packages/backend/src packages/dburl/src packages/south_adapter/src && \
 	$$py -m ruff check packages
 
+DOCS_REQS := "sphinx>=8,<9" "furo>=2024.8" "Django>=5.2,<5.3" "SQLAlchemy>=2.1,<2.2" \
+	"dj-database-url>=3.0" -e packages/backend -e packages/dburl -e packages/south_adapter
+
+.PHONY: docs
+docs: ## Build the documentation site (Sphinx, warnings as errors) into docs/_build
+	@py=$$($(PYTHON) tests/support/lanes.py tool docs $(DOCS_REQS)); \
+	$$py -m sphinx -W --keep-going -q -b html docs docs/_build/html && \
+	echo "docs: docs/_build/html/index.html"
+
 .PHONY: clean
 clean: ## Remove the virtualenvs and the demo's database
 	rm -rf .venv .pgdata
