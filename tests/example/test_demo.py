@@ -33,9 +33,10 @@ ROOT = EXAMPLES.parent
 
 
 def quickstart_commands() -> list[str]:
-    """Return the shell commands of the README's Quickstart section, in order."""
+    """Return the shell commands of the README's first console block on the demo, in order."""
     text = (EXAMPLES.parent / "README.rst").read_text()
-    section = text.split("Quickstart\n==========\n", 1)[1].split("\n\n\n", 1)[0]
+    title = "Trying it and running the tests"
+    section = text.split(f"{title}\n{'=' * len(title)}\n", 1)[1]
     block = section.split(".. code-block:: console\n\n", 1)[1].split("\n\n", 1)[0]
     return [line.strip()[2:] for line in block.splitlines() if line.strip().startswith("$ ")]
 
