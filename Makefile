@@ -32,7 +32,7 @@ test: system-deps ## Run the test suite (DJANGO=, DRIVER=, or MATRIX=1 for every
 	@for lane in $(LANES); do \
 	  echo "==> lane $$lane"; \
 	  py=$(call lane_python,$$lane); \
-	  $$py -m pytest tests -p no:cacheprovider -m "not reliability" $(PYTEST_ARGS) || exit 1; \
+	  $$py -m pytest tests -p no:cacheprovider -m "not reliability and not dist" $(PYTEST_ARGS) || exit 1; \
 	done
 	@$(MAKE) --no-print-directory test-legacy
 
@@ -75,6 +75,17 @@ docs: ## Build the documentation site (Sphinx, warnings as errors) into docs/_bu
 	@py=$$($(PYTHON) tests/support/lanes.py tool docs $(DOCS_REQS)); \
 	$$py -m sphinx -W --keep-going -q -b html docs docs/_build/html && \
 	echo "docs: docs/_build/html/index.html"
+
+.PHONY: dist
+dist: ## Build the three sdists and wheels into dist/, twine-check them, test the wheels installed
+	@py=$$($(PYTHON) tests/support/lanes.py tool build-tools "build>=1.2" "twine>=5"); \
+	rm -rf dist && \
+	for package in backend dburl south_adapter; do \
+	  $$py -m build -q --outdir dist packages/$$package || exit 1; \
+	done && \
+	$$py -m twine check --strict dist/* && \
+	lane=$(call lane_python,$(LANE)) && \
+	$$lane -m pytest tests/dist -p no:cacheprovider -m dist $(PYTEST_ARGS)
 
 .PHONY: clean
 clean: ## Remove the virtualenvs and the demo's database

@@ -36,6 +36,8 @@ from django_postgrespool.options import (
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
+__version__ = "1.0.0"
+
 __all__ = [
     "DEFAULT_ENV",
     "SCHEMES",
