@@ -22,7 +22,17 @@ from django.db import DatabaseError, connections
 from django_postgrespool._rules import see
 from django_postgrespool.options import resolve_pool_options
 
-__all__ = ["POOLED_ENGINES", "pooled_aliases", "register_all"]
+__all__ = [
+    "POOLED_ENGINES",
+    "check_budget_against_server",
+    "check_budget_against_setting",
+    "check_conn_max_age",
+    "check_declared_pgbouncer",
+    "check_proxy_in_between",
+    "check_south_settings",
+    "pooled_aliases",
+    "register_all",
+]
 
 POOLED_ENGINES = frozenset({"django_postgrespool", "django_postgrespool.postgis"})
 
