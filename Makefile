@@ -67,7 +67,7 @@ lint: ## Type-check the packages (mypy, strict) and lint them (ruff)
 	$$py -m mypy packages/backend/src packages/dburl/src packages/south_adapter/src && \
 	$$py -m ruff check packages
 
-DOCS_REQS := "sphinx>=8,<9" "furo>=2024.8" "Django>=5.2,<5.3" "SQLAlchemy>=2.1,<2.2" \
+DOCS_REQS := "sphinx>=8,<9" "furo>=2024.8" "Django>=5.2,<5.3" "SQLAlchemy>=2.1,<2.2" "psycopg[binary]>=3.1.8" \
 	"dj-database-url>=3.0" -e packages/backend -e packages/dburl -e packages/south_adapter
 
 .PHONY: docs
