@@ -84,7 +84,7 @@ DATABASES = {
 if os.environ.get("POSTGRESPOOL_MAX_CONNECTIONS"):
     POSTGRESPOOL_MAX_CONNECTIONS = int(os.environ["POSTGRESPOOL_MAX_CONNECTIONS"])
 
-# Metrics (README.rst, "Metrics"): with django_postgrespool in INSTALLED_APPS
+# Metrics (docs/observability.rst): with django_postgrespool in INSTALLED_APPS
 # the pools report through OpenTelemetry and prometheus_client when they are
 # installed; /metrics serves Prometheus' format. Under gunicorn set
 # PROMETHEUS_MULTIPROC_DIR (see gunicorn.conf.py) so one scrape sees every

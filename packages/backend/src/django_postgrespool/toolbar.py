@@ -43,7 +43,7 @@ def _checkout_info() -> CheckoutInfo:
 
 
 def _aliases() -> list[str]:
-    from django_postgrespool.checks._common import pooled_aliases
+    from django_postgrespool.checks import pooled_aliases
 
     return [alias for alias, _ in pooled_aliases()]
 
