@@ -44,8 +44,8 @@ def test_exhausted_pool_raises_after_timeout_with_a_message_that_explains(pooled
         "(pool_size=1 + max_overflow=1) are checked out and none was returned within "
         "timeout=0.5s. Hint: look for requests or threads that hold a connection (long "
         "transactions, CONN_MAX_AGE > 0 with more threads than connections), or raise "
-        "pool_size/max_overflow if the server's max_connections allows it (README.rst, "
-        "'Sizing the pool')."
+        "pool_size/max_overflow if the server's max_connections allows it. See "
+        "https://django-postgrespool.readthedocs.io/en/latest/guide/sizing.html"
     )
     assert 0.45 <= waited < 5
     (stats,) = pool_stats(alias)

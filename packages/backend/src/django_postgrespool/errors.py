@@ -6,6 +6,8 @@ from typing import Any
 
 from django.db.utils import OperationalError
 
+from django_postgrespool import _rules
+
 __all__ = ["PoolError", "PoolTimeout"]
 
 
@@ -34,15 +36,8 @@ class PoolTimeout(PoolError):
         self.max_overflow = max_overflow
         self.checked_out = checked_out
         self.timeout = timeout
-        cap = pool_size + max_overflow
         super().__init__(
-            f"Connection pool of database alias {alias!r} is exhausted: "
-            f"{checked_out} of {cap} connections (pool_size={pool_size} + "
-            f"max_overflow={max_overflow}) are checked out and none was returned "
-            f"within timeout={timeout:g}s. Hint: look for requests or threads that "
-            f"hold a connection (long transactions, CONN_MAX_AGE > 0 with more "
-            f"threads than connections), or raise pool_size/max_overflow if the "
-            f"server's max_connections allows it (README.rst, 'Sizing the pool')."
+            _rules.timeout_message(alias, pool_size, max_overflow, checked_out, timeout)
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
