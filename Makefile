@@ -16,6 +16,10 @@ QUICK ?=
 PYTEST_ARGS ?=
 
 LANE := dj$(subst .,,$(DJANGO))-$(DRIVER)
+# With MATRIX=1 the tests that serve the example under real servers (marker
+# "servers": runserver, gunicorn, uvicorn, gevent, Chromium) run in these
+# lanes only, each Django release and each driver once; one lane runs them all.
+SERVER_LANES := dj42-psycopg2 dj52-psycopg dj61-psycopg
 LANES := $(if $(MATRIX),$(shell $(PYTHON) tests/support/lanes.py list),$(LANE))
 lane_python = $$($(PYTHON) tests/support/lanes.py python $(1))
 
@@ -30,9 +34,13 @@ system-deps: ## Install the Debian packages the suites use (PostGIS, PgBouncer, 
 .PHONY: test
 test: system-deps ## Run the test suite (DJANGO=, DRIVER=, or MATRIX=1 for every lane), then the legacy lane
 	@for lane in $(LANES); do \
-	  echo "==> lane $$lane"; \
+	  marks="not reliability and not dist"; \
+	  if [ -n "$(MATRIX)" ] && [ -z "$$(echo ' $(SERVER_LANES) ' | grep -F " $$lane ")" ]; then \
+	    marks="$$marks and not servers"; \
+	  fi; \
+	  echo "==> lane $$lane ($$marks)"; \
 	  py=$(call lane_python,$$lane); \
-	  $$py -m pytest tests -p no:cacheprovider -m "not reliability and not dist" $(PYTEST_ARGS) || exit 1; \
+	  $$py -m pytest tests -p no:cacheprovider -m "$$marks" $(PYTEST_ARGS) || exit 1; \
 	done
 	@$(MAKE) --no-print-directory test-legacy
 

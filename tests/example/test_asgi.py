@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
 import json
 import sys
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 from tests.example.helpers import ExampleDatabase, example_env, free_addrport, start_server, stop
+
+# Served by real servers: in CI, in one lane per Django release and driver (Makefile).
+pytestmark = pytest.mark.servers
 
 
 def test_asgi_requests_borrow_and_return_connections_within_the_cap(

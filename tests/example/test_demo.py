@@ -29,6 +29,9 @@ from tests.example.helpers import (
 from tests.support.db import connect
 from tests.support.pgcluster import PASSWORD
 
+# Served by real servers: in CI, in one lane per Django release and driver (Makefile).
+pytestmark = pytest.mark.servers
+
 ROOT = EXAMPLES.parent
 
 

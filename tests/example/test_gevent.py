@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import json
 import sys
 import urllib.request
@@ -12,6 +13,9 @@ import gevent  # noqa: F401 - installed in every lane (tests/support/lanes.py)
 from tests.example.helpers import ExampleDatabase, example_env, free_addrport, start_server, stop
 
 from tests.support.db import DRIVER
+
+# Served by real servers: in CI, in one lane per Django release and driver (Makefile).
+pytestmark = pytest.mark.servers
 
 
 def test_gevent_worker_shares_the_pool_between_greenlets_within_the_cap(

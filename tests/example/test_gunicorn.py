@@ -28,6 +28,9 @@ from tests.example.helpers import (
     stop,
 )
 
+# Served by real servers: in CI, in one lane per Django release and driver (Makefile).
+pytestmark = pytest.mark.servers
+
 WORKERS, THREADS = 2, 8
 # Small pools, so that 8 threads per worker must share them: the URL's query
 # string sets 'default' to 2 + 1; 'reports' has 2 + 1 in the settings.

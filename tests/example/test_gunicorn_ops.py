@@ -12,6 +12,9 @@ import pytest
 
 from tests.example.helpers import ExampleDatabase, example_env, free_addrport, start_server, stop
 
+# Served by real servers: in CI, in one lane per Django release and driver (Makefile).
+pytestmark = pytest.mark.servers
+
 WORKERS, THREADS = 2, 4
 
 

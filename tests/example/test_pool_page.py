@@ -38,9 +38,8 @@ WIDTH = 1280
 # 'default' gets 2 + 1 connections from the URL; 'reports' has 2 + 1 in the settings.
 CAP = 3
 
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="needs Debian's chromium (make system-deps installs it)"
-)
+# Served by real servers: in CI, in one lane per Django release and driver (Makefile).
+pytestmark = pytest.mark.servers
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,9 @@ from tests.example.helpers import (
 )
 from tests.support.pgcluster import PASSWORD
 
+# Served by real servers: in CI, in one lane per Django release and driver (Makefile).
+pytestmark = pytest.mark.servers
+
 # Django 4.2's runserver keeps the connection its migration check opened in
 # its main thread (later versions close it, see "Close all connections opened
 # during migration checking" in runserver.py): one pooled connection stays

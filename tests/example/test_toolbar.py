@@ -20,6 +20,9 @@ from tests.example.helpers import (
 )
 from tests.support.pgcluster import PASSWORD
 
+# Served by real servers: in CI, in one lane per Django release and driver (Makefile).
+pytestmark = pytest.mark.servers
+
 
 @pytest.fixture(scope="module")
 def debug_site(example_db: ExampleDatabase, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
