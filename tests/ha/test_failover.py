@@ -208,3 +208,52 @@ def test_promoted_standby_serves_writes_within_2s_and_keeps_every_acknowledged_c
     assert recovery < 2.0
     (stats,) = pool_stats(alias)
     assert stats["checked_out"] == 0, stats
+
+
+def _hold(alias: str, n: int) -> None:
+    """Open ``n`` connections of ``alias`` at once and give them back (idle in the pool)."""
+    barrier = threading.Barrier(n)
+
+    def hold() -> None:
+        with connections[alias].cursor() as cursor:
+            cursor.execute("SELECT 1")
+            barrier.wait(10)
+        connections[alias].close()
+
+    threads = [threading.Thread(target=hold) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="pool core: a pooled session that became read-only is lent when "
+    "target_session_attrs=read-write (see docs/scaling.rst, 'What the pool checks')",
+)
+@pytest.mark.parametrize("pre_ping", ["socket", True], ids=["socket", "ping"])
+def test_session_that_became_read_only_is_not_lent_when_read_write_was_asked(
+    pooled_alias, pair: Pair, pre_ping: object
+) -> None:
+    # A switchover script often starts by making the old primary read-only
+    # (default_transaction_read_only=on, then a reload): the pool's idle
+    # sessions stay open and become read-only; libpq only checks at connect.
+    alias, _app = _alias_from_settings(pooled_alias, pair, pre_ping)
+    _hold(alias, 4)
+    (stats,) = pool_stats(alias)
+    assert stats["idle"] == 4
+    pair.primary.psql("ALTER SYSTEM SET default_transaction_read_only = on")
+    pair.primary.psql("SELECT pg_reload_conf()")
+    time.sleep(0.2)  # the backends read the new configuration
+    lent = []
+    for _ in range(6):
+        try:
+            with connections[alias].cursor() as cursor:
+                cursor.execute("SHOW transaction_read_only")
+                lent.append(cursor.fetchone()[0])
+        except DatabaseError:
+            pass  # no read-write server left: refusing is right
+        finally:
+            connections[alias].close()
+    assert "on" not in lent, f"read-only sessions lent: {lent}"
