@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.support.pgcluster import Cluster
+from tests.support.pgcluster import Cluster, start_pair
 
 
 @dataclass
@@ -26,25 +26,10 @@ class Pair:
         return f"{self.primary.port},{self.standby.port}"
 
 
-def start_pair() -> Pair:
-    """Start a primary (synchronous commits) and a standby streaming from it."""
-    primary = Cluster(synchronous_standby=True)
-    primary.start()
-    standby = primary.standby()
-    try:
-        standby.start()
-        primary.wait_streaming()
-    except BaseException:
-        primary.destroy()
-        standby.destroy()
-        raise
-    return Pair(primary, standby)
-
-
 @pytest.fixture
 def pair() -> Iterator[Pair]:
     """A fresh primary and standby for one test (a failover uses them up)."""
-    p = start_pair()
+    p = Pair(*start_pair())
     try:
         yield p
     finally:

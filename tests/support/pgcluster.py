@@ -366,6 +366,27 @@ class Cluster:
             self.psql(f'CREATE DATABASE "{name}"')
 
 
+def start_pair(synchronous_commit: str = "on") -> tuple[Cluster, Cluster]:
+    """Start a primary and a standby streaming from it (synchronously); return both.
+
+    ``synchronous_commit='remote_apply'`` also makes a commit visible on the
+    standby before it is acknowledged (read-your-writes through a replica).
+    Destroy the standby first: a synchronous primary waits for it.
+    """
+    primary = Cluster(synchronous_standby=True)
+    primary.extra_settings["synchronous_commit"] = synchronous_commit
+    standby = primary.standby()
+    try:
+        primary.start()
+        standby.start()
+        primary.wait_streaming()
+    except BaseException:
+        standby.destroy()
+        primary.destroy()
+        raise
+    return primary, standby
+
+
 def serve(data: Path, port: int | None, database: str, env_file: Path | None) -> int:
     """Start a server in ``data``, print its URL and keep it until interrupted."""
     cluster = Cluster(data, port=port)
