@@ -274,10 +274,17 @@ class Bench:
             "--sync", "--raw",
         ]
         env = self.env(alt, driver, fleet=True)
+        cmds = [cmd] * FLEET_WORKERS
+        if a.profile:
+            # py-spy's collapsed stacks of the first process (see bench/profile.py).
+            a.out.mkdir(parents=True, exist_ok=True)
+            spy = str(venv_python("psycopg").parent / "py-spy")
+            cmds[0] = [spy, "record", "--format", "raw", "--rate", "250", "--gil", "--nonblocking",
+                       "-o", str(a.out / f"profile-{driver}-fleet-one-{alt}.txt"), "--", *cmd]
         procs = [
-            subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            subprocess.Popen(c, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
-            for _ in range(FLEET_WORKERS)
+            for c in cmds
         ]
         try:
             for proc in procs:  # each has set Django up and served its first request
