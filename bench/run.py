@@ -351,6 +351,12 @@ class Bench:
         try:
             self._wait_http(url, server, log)
             wrk = [self.wrk, "-t", str(min(2, clients)), "-c", str(clients), "--timeout", "10s"]
+            if workers > 1:
+                # A keep-alive connection stays with the worker that accepted it,
+                # and one worker often accepts most of wrk's 32 at once: each
+                # request on a new connection goes to a worker with a free
+                # thread, as behind a load balancer.
+                wrk += ["-H", "Connection: close"]
             script = ["-s", str(BENCH / "wrk_report.lua")]
             # A fleet always warms up: every worker builds its pool first.
             if a.warmup >= 0.5 or workers > 1:
