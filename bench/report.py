@@ -327,25 +327,38 @@ def write(out: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     ratio_table, missed = ratios(rows)
     fleet_table, fleet_missed = fleet_ratios(rows)
     missed += fleet_missed
+    ab = [r for r in rows if not is_fleet(r)]
+    fleet_rounds = meta.get("fleet_rounds", meta["rounds"])
     lines = [
         "# make bench: results",
         "",
-        f"Pool cap {meta['pool_cap']} server connections for every pooled alternative; "
-        f"{meta['rounds']} round(s) of {meta['duration_s']} s per cell after {meta['warmup_s']} s "
-        f"warm-up, alternatives alternating; {meta['elapsed_s']} s in all.",
-        f"Workload B serves {meta['http_target']}.",
-        f"Machine load at the end: `{meta['uptime']}`.",
+        *([
+            f"Pool cap {meta['pool_cap']} server connections for every pooled alternative; "
+            f"{meta['rounds']} round(s) of {meta['duration_s']} s per cell after "
+            f"{meta['warmup_s']} s warm-up, alternatives alternating.",
+            f"Workload B serves {meta['http_target']}.",
+        ] if ab else []),
+        *([
+            f"The fleet: {FLEET_CONNS} server connections in all for every alternative; "
+            f"{fleet_rounds} round(s) of {meta['duration_s']} s per cell (F-http: "
+            f"{max(2, round(meta['duration_s']))} s) after {meta['warmup_s']} s warm-up "
+            f"(F-http: 1 s), alternatives alternating; F-http serves {meta['http_target']} "
+            "with a new connection per request.",
+        ] if len(ab) < len(rows) else []),
+        f"{meta['elapsed_s']} s in all. Machine load at the end: `{meta['uptime']}`.",
         "",
         "Versions: " + "; ".join(f"{k}: {v}" for k, v in meta["versions"].items()),
         "",
-        "## Ratios (throughput of ours ÷ the alternative's)",
-        "",
-        ratio_table,
-        "",
-        "## The pool's own figures",
-        "",
-        *pool_figures(rows),
-        "",
+        *([
+            "## Ratios (throughput of ours ÷ the alternative's)",
+            "",
+            ratio_table,
+            "",
+            "## The pool's own figures",
+            "",
+            *pool_figures(rows),
+            "",
+        ] if ab else []),
         *([
             f"## The fleet: {FLEET_WORKERS} processes × {FLEET_THREADS} threads, "
             f"{FLEET_CONNS} server connections in all (psycopg 3)",

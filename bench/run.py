@@ -626,6 +626,7 @@ def measure(args: argparse.Namespace) -> int:
     meta = {
         "quick": args.quick,
         "rounds": args.rounds,
+        "fleet_rounds": args.fleet_rounds,
         "warmup_s": args.warmup,
         "duration_s": args.duration,
         "pool_cap": POOL_CAP,
