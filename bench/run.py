@@ -290,6 +290,9 @@ class Bench:
             for proc in procs:  # each has set Django up and served its first request
                 assert proc.stdout is not None
                 line = proc.stdout.readline()
+                # py-spy's banner and a blank line come first with --profile.
+                while line.startswith("py-spy>") or line == "\n":
+                    line = proc.stdout.readline()
                 if line.strip() != "ready":
                     raise HarnessError(f"{driver} F-one {alt}: a worker did not start: "
                                        f"{line}{proc.communicate(timeout=30)[1][-3000:]}")
