@@ -1,8 +1,10 @@
 """What a user would pick instead of django-postgrespool, as DATABASES entries.
 
 Each alternative gets the same server, database and pool cap (10 server
-connections); only how Django connects changes. Imported by ``run.py`` (for
-the names) and by the benchmark project's settings (for the entries).
+connections); only how Django connects changes. The fleet workloads (``F-*``:
+4 worker processes) give each alternative 20 server connections in all: 5 per
+worker for an app-side pool, 20 in PgBouncer. Imported by ``run.py`` (for the
+names) and by the benchmark project's settings (for the entries).
 """
 
 from __future__ import annotations
@@ -10,6 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 POOL_CAP = 10
+# The fleet: FLEET_WORKERS processes of FLEET_THREADS threads, FLEET_CONNS
+# server connections in all (FLEET_CONNS // FLEET_WORKERS per app-side pool).
+FLEET_WORKERS = 4
+FLEET_THREADS = 8
+FLEET_CONNS = 20
 
 # name -> (label, drivers it runs with)
 ALTERNATIVES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -17,18 +24,37 @@ ALTERNATIVES: dict[str, tuple[str, tuple[str, ...]]] = {
     "persistent": ("persistent (CONN_MAX_AGE=None)", ("psycopg", "psycopg2")),
     "native_pool": ("Django's pool (OPTIONS['pool'])", ("psycopg",)),
     "dj_db_conn_pool": ("django-db-connection-pool", ("psycopg", "psycopg2")),
-    "pgbouncer": ("PgBouncer, transaction mode", ("psycopg", "psycopg2")),
+    "pgbouncer": ("PgBouncer, login per request (CONN_MAX_AGE=0)", ("psycopg", "psycopg2")),
+    "pgbouncer_persistent": ("PgBouncer, persistent clients", ("psycopg",)),
+    "ours_pgbouncer": ("django-postgrespool behind PgBouncer", ("psycopg",)),
     "ours": ("django-postgrespool", ("psycopg", "psycopg2")),
 }
+# Run in the fleet workloads only (and every one of them there, but no_pooling,
+# persistent and django-db-connection-pool, which cannot share 20 connections
+# among 32 threads or are covered by the other workloads).
+FLEET_ONLY = ("pgbouncer_persistent", "ours_pgbouncer")
+FLEET_ALTERNATIVES = ("pgbouncer_persistent", "native_pool", "ours_pgbouncer", "pgbouncer", "ours")
+# PgBouncer alternatives: each has a PgBouncer of its own, so that the server
+# sessions it holds carry its application_name alone.
+BOUNCED = ("pgbouncer", "pgbouncer_persistent", "ours_pgbouncer")
 
 
-def alternatives_for(driver: str) -> list[str]:
+def alternatives_for(driver: str, fleet: bool = False) -> list[str]:
     """Return the alternatives that run with ``driver``, in table order."""
-    return [name for name, (_, drivers) in ALTERNATIVES.items() if driver in drivers]
+    return [
+        name
+        for name, (_, drivers) in ALTERNATIVES.items()
+        if driver in drivers
+        and (name in FLEET_ALTERNATIVES if fleet else name not in FLEET_ONLY)
+    ]
 
 
 def database_settings(alt: str, db: dict[str, Any]) -> dict[str, Any]:
-    """Return the ``DATABASES['default']`` entry of alternative ``alt``."""
+    """Return the ``DATABASES['default']`` entry of alternative ``alt``.
+
+    ``db['cap']`` is the app-side pool's size (default ``POOL_CAP``);
+    ``db['pgbouncer_port']`` the port of the alternative's PgBouncer.
+    """
     if alt not in ALTERNATIVES:
         raise ValueError(f"unknown alternative {alt!r}; choose one of {', '.join(ALTERNATIVES)}")
     entry: dict[str, Any] = {
@@ -41,27 +67,36 @@ def database_settings(alt: str, db: dict[str, Any]) -> dict[str, Any]:
         "CONN_MAX_AGE": 0,
         # run.py counts each alternative's server sessions by this name.
         # A stuck connection attempt becomes an error, not a hung benchmark.
-        "OPTIONS": {"application_name": f"bench-{alt}", "connect_timeout": 10},
+        "OPTIONS": {
+            "application_name": f"{db.get('app_prefix', 'bench')}-{alt}",
+            "connect_timeout": 10,
+        },
     }
+    cap = int(db.get("cap") or POOL_CAP)
+    if alt in BOUNCED:
+        entry["PORT"] = str(db["pgbouncer_port"])
+        # Transaction mode: a cursor cannot outlive its transaction.
+        entry["DISABLE_SERVER_SIDE_CURSORS"] = True
+        if db.get("driver") == "psycopg":
+            # PgBouncer 1.18 (Debian's) cannot route psycopg 3's prepared statements.
+            entry["OPTIONS"]["prepare_threshold"] = None
     if alt == "persistent":
         entry["CONN_MAX_AGE"] = None
     elif alt == "native_pool":
-        entry["OPTIONS"]["pool"] = {"min_size": POOL_CAP, "max_size": POOL_CAP, "timeout": 30}
+        entry["OPTIONS"]["pool"] = {"min_size": cap, "max_size": cap, "timeout": 30}
     elif alt == "dj_db_conn_pool":
         # Its defaults otherwise (pre_ping=True, reset on return), as a user gets them.
         entry["ENGINE"] = "dj_db_conn_pool.backends.postgresql"
         entry["POOL_OPTIONS"] = {"POOL_SIZE": POOL_CAP, "MAX_OVERFLOW": 0}
     elif alt == "pgbouncer":
-        # No app-side pool: one client connection to PgBouncer per request.
-        entry["PORT"] = str(db["pgbouncer_port"])
-        entry["DISABLE_SERVER_SIDE_CURSORS"] = True
-        if db.get("driver") == "psycopg":
-            # PgBouncer 1.18 (Debian's) cannot route psycopg 3's prepared statements.
-            entry["OPTIONS"]["prepare_threshold"] = None
-    elif alt == "ours":
+        pass  # no app-side pool: one client login to PgBouncer per request
+    elif alt == "pgbouncer_persistent":
+        # Each thread keeps its client connection to PgBouncer.
+        entry["CONN_MAX_AGE"] = None
+    elif alt in ("ours", "ours_pgbouncer"):
         # Its defaults otherwise (pre_ping='socket', reset='rollback').
         entry["ENGINE"] = "django_postgrespool"
-        entry["POOL_OPTIONS"] = {"pool_size": POOL_CAP, "max_overflow": 0}
+        entry["POOL_OPTIONS"] = {"pool_size": cap, "max_overflow": 0}
         # For experiments (profiling a change of defaults): extra POOL_OPTIONS.
         entry["POOL_OPTIONS"].update(db.get("ours_pool_options") or {})
     return entry

@@ -7,12 +7,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from alternatives import ALTERNATIVES, POOL_CAP
+from alternatives import ALTERNATIVES, FLEET_CONNS, FLEET_THREADS, FLEET_WORKERS, POOL_CAP
 
 WORKLOAD_LABELS = {
     "A-one": "A, in process, one query",
     "A-orm": "A, in process, a few ORM queries",
     "B-http": "B, HTTP: gunicorn gthread + wrk",
+    "F-one": f"F, fleet in process: {FLEET_WORKERS} processes × {FLEET_THREADS} threads, SELECT 1",
+    "F-http": f"F, fleet over HTTP: gunicorn {FLEET_WORKERS} workers × {FLEET_THREADS} threads + wrk",
 }
 # (alternative, workloads (None: every one), threads the target is read at,
 # minimum ratio ours / alternative)
@@ -27,6 +29,14 @@ TARGETS = [
 # The in-process limit for 10 server connections: 10 threads on 10
 # persistent connections (run.py adds this cell next to the 16-thread ones).
 LIMIT_THREADS = 10
+# The fleet (F-* workloads, 32 clients, FLEET_CONNS server connections in all):
+# (alternative, minimum ratio ours / alternative).
+FLEET_TARGETS = [("pgbouncer_persistent", 1.0), ("native_pool", 1.0)]
+FLEET_CLIENTS = FLEET_WORKERS * FLEET_THREADS
+
+
+def is_fleet(row: dict[str, Any]) -> bool:
+    return str(row["workload"]).startswith("F-")
 
 
 def versions(drivers: list[str], venv_python: Callable[[str], Path]) -> dict[str, str]:
@@ -90,6 +100,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def ratios(rows: list[dict[str, Any]]) -> tuple[str, list[str]]:
     """Return the ratio table (ours ÷ each alternative) and the list of missed targets."""
+    rows = [r for r in rows if not is_fleet(r)]
     idx = _index(rows)
     levels = sorted(_keys(rows, "threads"))
     header = " | ".join(f"{n} clients" for n in levels)
@@ -171,8 +182,49 @@ def pool_figures(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def fleet_ratios(rows: list[dict[str, Any]]) -> tuple[str, list[str]]:
+    """Return the fleet's table (every alternative, ours ÷ it) and the missed targets."""
+    rows = [r for r in rows if is_fleet(r)]
+    if not rows:
+        return "", []
+    idx = _index(rows)
+    out = [
+        "| alternative | workload | req/s | p50 ms | p99 ms | peak server conns | errors "
+        "| ours ÷ it | target | met |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    missed = []
+    targets = dict(FLEET_TARGETS)
+    for workload in _keys(rows, "workload"):
+        for alt in ALTERNATIVES:
+            r = idx.get(("psycopg", workload, alt, FLEET_CLIENTS))
+            if r is None:
+                continue
+            ours = idx.get(("psycopg", workload, "ours", FLEET_CLIENTS))
+            ratio = ours["rps"] / r["rps"] if ours and r["rps"] and alt != "ours" else None
+            target, verdict = "", ""
+            if alt in targets and ratio is not None:
+                minimum = targets[alt]
+                ok = ratio >= minimum and ours is not None and ours["server_conns"] <= FLEET_CONNS
+                target, verdict = f"≥ {minimum}×", "yes" if ok else "**no**"
+                if not ok:
+                    missed.append(
+                        f"{workload}: ours ÷ {alt} = {ratio:.2f}, target ≥ {minimum} "
+                        f"(short by {minimum / ratio - 1:.0%})"
+                    )
+            name = f"**{ALTERNATIVES[alt][0]}**" if alt == "ours" else ALTERNATIVES[alt][0]
+            out.append(
+                f"| {name} | {workload} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} "
+                f"| {r['server_conns']} | {r['errors']} | "
+                f"{'' if ratio is None else f'{ratio:.2f}'} | {target} | {verdict} |"
+            )
+    return "\n".join(out), missed
+
+
 def rst(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     """Return the README's results: req/s (peak server connections) per alternative and level."""
+    fleet = [r for r in rows if is_fleet(r)]
+    rows = [r for r in rows if not is_fleet(r)]
     idx = _index(rows)
     levels = sorted(_keys(rows, "threads"))
     out = []
@@ -194,11 +246,36 @@ def rst(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
                         text += f", {c['errors']} errors"
                     out.append(f"     - {text}")
             out.append("")
+    if fleet:
+        fidx = _index(fleet)
+        workloads = _keys(fleet, "workload")
+        out += [
+            f".. list-table:: The fleet, {FLEET_CONNS} server connections in all: requests/s, "
+            "p50 / p99 ms (peak server connections)",
+            "   :header-rows: 1", "",
+            "   * - alternative", *[f"     - {WORKLOAD_LABELS[w]}" for w in workloads],
+        ]
+        for alt in ALTERNATIVES:
+            cells = [fidx.get(("psycopg", w, alt, FLEET_CLIENTS)) for w in workloads]
+            if not any(cells):
+                continue
+            name = f"**{ALTERNATIVES[alt][0]}**" if alt == "ours" else ALTERNATIVES[alt][0]
+            out.append(f"   * - {name}")
+            for c in cells:
+                text = (f"{c['rps']:.0f}, {c['p50_ms']:.1f} / {c['p99_ms']:.1f} "
+                        f"({c['server_conns']})") if c else "–"
+                if c and c["errors"]:
+                    text += f", {c['errors']} errors"
+                out.append(f"     - {text}")
+        out.append("")
     return "\n".join(out)
 
 
 def chart(path: Path, rows: list[dict[str, Any]]) -> None:
     """Draw throughput against clients, one panel per workload × driver."""
+    rows = [r for r in rows if not is_fleet(r)]
+    if not rows:
+        return
     import matplotlib
 
     matplotlib.use("Agg")
@@ -248,25 +325,47 @@ def chart(path: Path, rows: list[dict[str, Any]]) -> None:
 def write(out: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     """Write ``results.md`` and ``bench.png`` into ``out``; return the Markdown."""
     ratio_table, missed = ratios(rows)
+    fleet_table, fleet_missed = fleet_ratios(rows)
+    missed += fleet_missed
+    ab = [r for r in rows if not is_fleet(r)]
+    fleet_rounds = meta.get("fleet_rounds", meta["rounds"])
     lines = [
         "# make bench: results",
         "",
-        f"Pool cap {meta['pool_cap']} server connections for every pooled alternative; "
-        f"{meta['rounds']} round(s) of {meta['duration_s']} s per cell after {meta['warmup_s']} s "
-        f"warm-up, alternatives alternating; {meta['elapsed_s']} s in all.",
-        f"Workload B serves {meta['http_target']}.",
-        f"Machine load at the end: `{meta['uptime']}`.",
+        *([
+            f"Pool cap {meta['pool_cap']} server connections for every pooled alternative; "
+            f"{meta['rounds']} round(s) of {meta['duration_s']} s per cell after "
+            f"{meta['warmup_s']} s warm-up, alternatives alternating.",
+            f"Workload B serves {meta['http_target']}.",
+        ] if ab else []),
+        *([
+            f"The fleet: {FLEET_CONNS} server connections in all for every alternative; "
+            f"{fleet_rounds} round(s) of {meta['duration_s']} s per cell (F-http: "
+            f"{max(2, round(meta['duration_s']))} s) after {meta['warmup_s']} s warm-up "
+            f"(F-http: 1 s), alternatives alternating; F-http serves {meta['http_target']} "
+            "with a new connection per request.",
+        ] if len(ab) < len(rows) else []),
+        f"{meta['elapsed_s']} s in all. Machine load at the end: `{meta['uptime']}`.",
         "",
         "Versions: " + "; ".join(f"{k}: {v}" for k, v in meta["versions"].items()),
         "",
-        "## Ratios (throughput of ours ÷ the alternative's)",
-        "",
-        ratio_table,
-        "",
-        "## The pool's own figures",
-        "",
-        *pool_figures(rows),
-        "",
+        *([
+            "## Ratios (throughput of ours ÷ the alternative's)",
+            "",
+            ratio_table,
+            "",
+            "## The pool's own figures",
+            "",
+            *pool_figures(rows),
+            "",
+        ] if ab else []),
+        *([
+            f"## The fleet: {FLEET_WORKERS} processes × {FLEET_THREADS} threads, "
+            f"{FLEET_CONNS} server connections in all (psycopg 3)",
+            "",
+            fleet_table,
+            "",
+        ] if fleet_table else []),
         "## Every cell",
         table(rows),
         "",

@@ -12,6 +12,12 @@ A. in process (``worker.py``): Django's request cycle on N threads, with a
 B. over HTTP (``B-http``): the benchmark project under gunicorn (one gthread
    worker with N threads) driven by wrk with N connections, one-query view.
 
+And the fleet, 20 server connections in all for every alternative (psycopg 3):
+
+F. ``F-http``: the example under gunicorn, 4 gthread workers × 8 threads,
+   driven by wrk with 32 connections; ``F-one``: 4 processes × 8 threads of
+   in-process ``SELECT 1`` request cycles, measured over one window.
+
 For each cell: throughput, p50 and p99 latency, the peak of server
 connections (``pg_stat_activity``, sampled every 20 ms) and errors. Run with
 the system Python: it makes the virtualenvs ``.venv/bench-psycopg`` and
@@ -40,13 +46,24 @@ ROOT = BENCH.parent
 sys.path[:0] = [str(BENCH), str(ROOT)]
 EXAMPLES = ROOT / "examples"
 
-from alternatives import ALTERNATIVES, POOL_CAP, alternatives_for  # noqa: E402
+from alternatives import (  # noqa: E402
+    ALTERNATIVES,
+    BOUNCED,
+    FLEET_CONNS,
+    FLEET_THREADS,
+    FLEET_WORKERS,
+    POOL_CAP,
+    alternatives_for,
+)
 
 DRIVERS = ("psycopg", "psycopg2")
-WORKLOADS = ("A-one", "A-orm", "B-http")
+WORKLOADS = ("A-one", "A-orm", "B-http", "F-one", "F-http")
+FLEET_DRIVER = "psycopg"  # Django's pool needs psycopg 3
 LEVELS = (1, 4, 16, 64)
 DATABASE = "bench"
 QUICK_ALTS = ("persistent", "ours")
+# The short run's fleet: the three alternatives the targets name, and both layers.
+QUICK_FLEET_ALTS = ("pgbouncer_persistent", "native_pool", "ours_pgbouncer", "ours")
 COMMON = [
     "Django>=5.2,<5.3",
     "SQLAlchemy>=2.1,<2.2",
@@ -139,38 +156,73 @@ class Sampler:
         self._thread.join()
 
 
+def percentile(sorted_values: list[float], fraction: float) -> float:
+    """Return the value below which ``fraction`` of ``sorted_values`` lie (nearest rank)."""
+    if not sorted_values:
+        return float("nan")
+    index = min(len(sorted_values) - 1, max(0, int(round(fraction * len(sorted_values))) - 1))
+    return sorted_values[index]
+
+
 class HarnessError(RuntimeError):
     """The benchmark itself broke (not an alternative's error count)."""
 
 
+# tests/support/pgbouncer.py never reads pgbouncer's stderr: with a log line
+# per login the pipe fills after a few hundred requests and pgbouncer blocks,
+# so keep the per-connection lines out of it.
+QUIET = {"log_connections": "0", "log_disconnections": "0", "log_stats": "0"}
+
+
+def is_fleet(workload: str) -> bool:
+    return workload.startswith("F-")
+
+
 class Bench:
     def __init__(
-        self, args: argparse.Namespace, db: dict[str, Any], monitor: Any, project: HttpProject
+        self,
+        args: argparse.Namespace,
+        db: dict[str, Any],
+        monitor: Any,
+        project: HttpProject,
+        fleet_bouncer_ports: dict[str, int] | None = None,
     ) -> None:
         self.args, self.db, self.monitor, self.project = args, db, monitor, project
-        self.wrk = ensure_wrk() if "B-http" in args.workloads else ""
+        self.fleet_bouncer_ports = fleet_bouncer_ports or {}
+        self.wrk = ensure_wrk() if {"B-http", "F-http"} & set(args.workloads) else ""
 
-    def env(self, alt: str, driver: str) -> dict[str, str]:
+    def env(self, alt: str, driver: str, fleet: bool = False) -> dict[str, str]:
+        db = {**self.db, "driver": driver}
+        if fleet:
+            # 20 server connections in all: 5 per worker, or 20 in PgBouncer.
+            db["cap"] = FLEET_CONNS // FLEET_WORKERS
+            db["app_prefix"] = "fleet"
+            db["pgbouncer_port"] = self.fleet_bouncer_ports.get(alt, 0)
         return {
             **os.environ,
             "BENCH_ALT": alt,
-            "BENCH_DB": json.dumps({**self.db, "driver": driver}),
+            "BENCH_DB": json.dumps(db),
             "PYTHONDONTWRITEBYTECODE": "1",
         }
 
-    def settle(self, alt: str) -> None:
-        """Wait until the previous cell's server sessions of ``alt`` are gone."""
-        if alt == "pgbouncer":  # its server connections outlive the clients, by design
+    def settle(self, name: str, alt: str) -> None:
+        """Wait until the previous cell's server sessions named ``name`` are gone."""
+        if alt in BOUNCED:  # PgBouncer's server connections outlive the clients, by design
             return
-        sampler = Sampler(self.monitor, f"bench-{alt}")
+        sampler = Sampler(self.monitor, name)
         deadline = time.monotonic() + 5
         while sampler.count() and time.monotonic() < deadline:
             time.sleep(0.02)
 
     def cell(self, driver: str, workload: str, alt: str, level: int) -> dict[str, Any]:
-        self.settle(alt)
-        with Sampler(self.monitor, f"bench-{alt}") as sampler:
-            if workload.startswith("A-"):
+        name = f"{'fleet' if is_fleet(workload) else 'bench'}-{alt}"
+        self.settle(name, alt)
+        with Sampler(self.monitor, name) as sampler:
+            if workload == "F-one":
+                result = self.in_process_fleet(driver, alt)
+            elif workload == "F-http":
+                result = self.over_http(driver, alt, FLEET_THREADS, workers=FLEET_WORKERS)
+            elif workload.startswith("A-"):
                 result = self.in_process(driver, workload[2:], alt, level)
             else:
                 result = self.over_http(driver, alt, level)
@@ -213,33 +265,110 @@ class Bench:
         result: dict[str, Any] = json.loads(lines[-1])
         return result
 
-    def over_http(self, driver: str, alt: str, level: int) -> dict[str, Any]:
+    def in_process_fleet(self, driver: str, alt: str) -> dict[str, Any]:
+        """Run FLEET_WORKERS worker processes of FLEET_THREADS threads over one window."""
+        a = self.args
+        cmd = [
+            str(venv_python(driver)), str(BENCH / "worker.py"), "--threads", str(FLEET_THREADS),
+            "--body", "one", "--warmup", str(a.warmup), "--duration", str(a.duration),
+            "--sync", "--raw",
+        ]
+        env = self.env(alt, driver, fleet=True)
+        cmds = [cmd] * FLEET_WORKERS
+        if a.profile:
+            # py-spy's collapsed stacks of the first process (see bench/profile.py).
+            a.out.mkdir(parents=True, exist_ok=True)
+            spy = str(venv_python("psycopg").parent / "py-spy")
+            cmds[0] = [spy, "record", "--format", "raw", "--rate", "250", "--gil", "--nonblocking",
+                       "-o", str(a.out / f"profile-{driver}-fleet-one-{alt}.txt"), "--", *cmd]
+        procs = [
+            subprocess.Popen(c, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+            for c in cmds
+        ]
+        try:
+            for proc in procs:  # each has set Django up and served its first request
+                assert proc.stdout is not None
+                line = proc.stdout.readline()
+                # py-spy's banner and a blank line come first with --profile.
+                while line.startswith("py-spy>") or line == "\n":
+                    line = proc.stdout.readline()
+                if line.strip() != "ready":
+                    raise HarnessError(f"{driver} F-one {alt}: a worker did not start: "
+                                       f"{line}{proc.communicate(timeout=30)[1][-3000:]}")
+            for proc in procs:
+                assert proc.stdin is not None
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+            limit = a.warmup + a.duration + 90
+            outputs = [proc.communicate(timeout=limit) for proc in procs]
+        except subprocess.TimeoutExpired:
+            raise HarnessError(f"{driver} F-one {alt}: a worker still running") from None
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        results = []
+        for proc, (out, err) in zip(procs, outputs):
+            lines = [line for line in out.splitlines() if line.startswith("{")]
+            if proc.returncode != 0 or not lines:
+                raise HarnessError(
+                    f"{driver} F-one {alt}: worker exited with {proc.returncode}:\n{err[-3000:]}"
+                )
+            results.append(json.loads(lines[-1]))
+        merged = sorted(x for r in results for x in r["latencies"])
+        return {
+            "requests": len(merged),
+            "errors": sum(r["errors"] for r in results),
+            "seconds": a.duration,
+            "p50_ms": percentile(merged, 0.50) * 1000,
+            "p99_ms": percentile(merged, 0.99) * 1000,
+            "first_error": next((r["first_error"] for r in results if r["first_error"]), None),
+        }
+
+    def over_http(self, driver: str, alt: str, level: int, workers: int = 1) -> dict[str, Any]:
+        """Serve the project with ``workers`` × ``level`` threads; load it with as many conns."""
         from tests.support.pgcluster import free_port
 
         a = self.args
         port = free_port()
         p = self.project
+        clients = workers * level
         cmd = [
             str(venv_python(driver)), "-m", "gunicorn", "--chdir", str(p.chdir),
             "--pythonpath", str(BENCH / "project"),
-            "--worker-class", "gthread", "--workers", "1", "--threads", str(level),
+            "--worker-class", "gthread", "--workers", str(workers), "--threads", str(level),
             "--bind", f"127.0.0.1:{port}", "--backlog", "2048", "--keep-alive", "30",
             "--log-level", "warning", p.wsgi,
         ]
         log = tempfile.TemporaryFile()
-        env = {**self.env(alt, driver), "DJANGO_SETTINGS_MODULE": p.settings}
+        env = {
+            **self.env(alt, driver, fleet=workers > 1),
+            "DJANGO_SETTINGS_MODULE": p.settings,
+            # The budget check (postgrespool.E001) counts the workers.
+            "WEB_CONCURRENCY": str(workers),
+        }
         server = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, start_new_session=True)
         url = f"http://127.0.0.1:{port}{p.path}"
         try:
             self._wait_http(url, server, log)
-            wrk = [self.wrk, "-t", str(min(2, level)), "-c", str(level), "--timeout", "10s"]
+            wrk = [self.wrk, "-t", str(min(2, clients)), "-c", str(clients), "--timeout", "10s"]
+            if workers > 1:
+                # A keep-alive connection stays with the worker that accepted it,
+                # and one worker often accepts most of wrk's 32 at once: each
+                # request on a new connection goes to a worker with a free
+                # thread, as behind a load balancer.
+                wrk += ["-H", "Connection: close"]
             script = ["-s", str(BENCH / "wrk_report.lua")]
-            if a.warmup >= 0.5:
+            # A fleet always warms up: every worker builds its pool first.
+            if a.warmup >= 0.5 or workers > 1:
                 subprocess.run(
                     [*wrk, "-d", f"{max(1, round(a.warmup))}s", url],
                     capture_output=True, check=True, timeout=60,
                 )
-            seconds = max(1, round(a.duration))
+            # A fleet measures 2 s at least: under load a request may take one.
+            seconds = max(2 if workers > 1 else 1, round(a.duration))
             out = subprocess.run(
                 [*wrk, *script, "-d", f"{seconds}s", url],
                 capture_output=True, text=True, timeout=seconds + 60,
@@ -349,6 +478,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--alts", nargs="+", choices=list(ALTERNATIVES), default=list(ALTERNATIVES))
     p.add_argument("--threads", nargs="+", type=int, default=list(LEVELS))
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--fleet-rounds", type=int, default=3, help="rounds of the F workloads")
     p.add_argument("--warmup", type=float, default=0.5, help="seconds before measuring")
     p.add_argument("--duration", type=float, default=2.0, help="seconds measured per cell")
     p.add_argument("--out", type=Path, help="results folder (default bench/results)")
@@ -358,6 +488,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.threads, args.rounds, args.warmup, args.duration = [4], 1, 0.2, 0.5
+        args.fleet_rounds = 1
         args.out = args.out or Path(tempfile.mkdtemp(prefix="bench-quick-"))
     args.out = args.out or BENCH / "results"
     return args
@@ -391,6 +522,7 @@ def measure(args: argparse.Namespace) -> int:
     started = time.time()
     cluster = Cluster()
     bouncer = None
+    fleet_bouncers: dict[str, PgBouncer] = {}
     monitor = None
     cells: list[dict[str, Any]] = []
     http_project = HttpProject()
@@ -406,15 +538,11 @@ def measure(args: argparse.Namespace) -> int:
             "host": cluster.host, "port": cluster.port, "user": cluster.user,
             "password": cluster.password, "database": DATABASE, "pgbouncer_port": 0,
         }
-        if "B-http" in args.workloads:
+        if {"B-http", "F-http"} & set(args.workloads):
             http_project.prepare(db)
-        if "pgbouncer" in args.alts:
-            # tests/support/pgbouncer.py never reads pgbouncer's stderr: with a
-            # log line per login the pipe fills after a few hundred requests
-            # and pgbouncer blocks, so keep the per-connection lines out of it.
-            quiet = {"log_connections": "0", "log_disconnections": "0", "log_stats": "0"}
+        if "pgbouncer" in args.alts and not all(is_fleet(w) for w in args.workloads):
             bouncer = PgBouncer(
-                cluster, pool_mode="transaction", pool_size=POOL_CAP, settings=quiet
+                cluster, pool_mode="transaction", pool_size=POOL_CAP, settings=QUIET
             )
             bouncer.start()
             db["pgbouncer_port"] = bouncer.port
@@ -422,11 +550,33 @@ def measure(args: argparse.Namespace) -> int:
             host=cluster.host, port=cluster.port, user=cluster.user, password=cluster.password,
             dbname="postgres", application_name="bench-monitor", autocommit=True,
         )
-        bench = Bench(args, db, monitor, http_project)
+        fleet_alts = [
+            a for a in alternatives_for(FLEET_DRIVER, fleet=True) if a in args.alts
+            and (not args.quick or a in QUICK_FLEET_ALTS)
+        ] if any(is_fleet(w) for w in args.workloads) else []
+        for alt in fleet_alts:
+            if alt in BOUNCED:
+                # One PgBouncer per alternative: its server sessions carry that
+                # alternative's application_name only (see Sampler).
+                fleet_bouncers[alt] = PgBouncer(
+                    cluster, pool_mode="transaction", pool_size=FLEET_CONNS, settings=QUIET
+                )
+                fleet_bouncers[alt].start()
+        monitor = psycopg.connect(
+            host=cluster.host, port=cluster.port, user=cluster.user, password=cluster.password,
+            dbname="postgres", application_name="bench-monitor", autocommit=True,
+        )
+        bench = Bench(
+            args, db, monitor, http_project, {a: b.port for a, b in fleet_bouncers.items()}
+        )
         print(f"==> load before: {os.getloadavg()[0]:.2f}; results in {args.out}", flush=True)
+        # (driver, workload, the (alternative, clients) cells of a round, rounds)
+        plans: list[tuple[str, str, list[tuple[str, int]], int]] = []
         for driver in args.drivers:
             every = [a for a in alternatives_for(driver) if a in args.alts]
             for workload in args.workloads:
+                if is_fleet(workload):
+                    continue
                 # The short run covers every alternative once per driver (A-one)
                 # and the other workloads with two of them.
                 alts = every if not args.quick or workload == "A-one" else [
@@ -437,39 +587,49 @@ def measure(args: argparse.Namespace) -> int:
                     if workload.startswith("A-") and level == 16 and "persistent" in alts:
                         # The limit for the pool's 10 connections, alternating with the rest.
                         pairs.append(("persistent", report.LIMIT_THREADS))
-                    for round_ in range(args.rounds):
-                        shift = round_ % len(pairs)
-                        for alt, threads in pairs[shift:] + pairs[:shift]:
-                            try:
-                                result = bench.cell(driver, workload, alt, threads)
-                            except HarnessError as error:
-                                if args.quick:
-                                    raise
-                                # A long run goes on; the cell shows as failed.
-                                print(f"!! {error}", file=sys.stderr, flush=True)
-                                broken.append(str(error))
-                                result = {"requests": 0, "errors": 1, "seconds": args.duration,
-                                          "p50_ms": float("nan"), "p99_ms": float("nan"),
-                                          "server_conns": 0, "first_error": str(error)[:500]}
-                            result.update(driver=driver, workload=workload, alt=alt, threads=threads)
-                            cells.append(result)
-                            print(
-                                f"  {driver:8} {workload:6} x{threads:<3} {alt:16} "
-                                f"{result['requests'] / result['seconds']:8.0f} req/s "
-                                f"p50 {result['p50_ms']:7.2f} ms p99 {result['p99_ms']:7.2f} ms "
-                                f"conns {result['server_conns']:3} errors {result['errors']}",
-                                flush=True,
-                            )
+                    plans.append((driver, workload, pairs, args.rounds))
+        for workload in args.workloads:
+            if is_fleet(workload) and fleet_alts:
+                clients = FLEET_WORKERS * FLEET_THREADS
+                pairs = [(alt, clients) for alt in fleet_alts]
+                plans.append((FLEET_DRIVER, workload, pairs, args.fleet_rounds))
+        for driver, workload, pairs, rounds in plans:
+            for round_ in range(rounds):
+                shift = round_ % len(pairs)
+                for alt, threads in pairs[shift:] + pairs[:shift]:
+                    try:
+                        result = bench.cell(driver, workload, alt, threads)
+                    except HarnessError as error:
+                        if args.quick:
+                            raise
+                        # A long run goes on; the cell shows as failed.
+                        print(f"!! {error}", file=sys.stderr, flush=True)
+                        broken.append(str(error))
+                        result = {"requests": 0, "errors": 1, "seconds": args.duration,
+                                  "p50_ms": float("nan"), "p99_ms": float("nan"),
+                                  "server_conns": 0, "first_error": str(error)[:500]}
+                    result.update(driver=driver, workload=workload, alt=alt, threads=threads)
+                    cells.append(result)
+                    print(
+                        f"  {driver:8} {workload:6} x{threads:<3} {alt:20} "
+                        f"{result['requests'] / result['seconds']:8.0f} req/s "
+                        f"p50 {result['p50_ms']:7.2f} ms p99 {result['p99_ms']:7.2f} ms "
+                        f"conns {result['server_conns']:3} errors {result['errors']}",
+                        flush=True,
+                    )
     finally:
         if monitor is not None:
             monitor.close()
         if bouncer is not None:
             bouncer.stop()
+        for b in fleet_bouncers.values():
+            b.stop()
         cluster.destroy()
     rows = aggregate(cells)
     meta = {
         "quick": args.quick,
         "rounds": args.rounds,
+        "fleet_rounds": args.fleet_rounds,
         "warmup_s": args.warmup,
         "duration_s": args.duration,
         "pool_cap": POOL_CAP,

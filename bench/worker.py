@@ -7,6 +7,9 @@ the view's body (one query, or a few ORM queries), ``request_finished``
     python bench/worker.py --threads 16 --body one --warmup 0.5 --duration 2
 
 with ``BENCH_ALT`` and ``BENCH_DB`` in the environment (see benchsite/settings.py).
+Several processes measure one window together (the in-process fleet) with
+``--sync``: each prints ``ready`` once set up, and starts when a line arrives
+on its standard input; ``--raw`` adds every latency to the JSON line.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ def main() -> int:
     parser.add_argument("--body", choices=("one", "orm"), required=True)
     parser.add_argument("--warmup", type=float, default=0.5)
     parser.add_argument("--duration", type=float, default=2.0)
+    parser.add_argument("--sync", action="store_true", help="start when stdin says so")
+    parser.add_argument("--raw", action="store_true", help="print every latency too")
     args = parser.parse_args()
 
     import django
@@ -95,6 +100,9 @@ def main() -> int:
     finally:
         request_finished.send(sender=None)
     connections.close_all()  # a persistent connection would outlive the first request
+    if args.sync:
+        print("ready", flush=True)
+        sys.stdin.readline()
     threads = [threading.Thread(target=run, args=(n,), daemon=True) for n in range(args.threads)]
     for t in threads:
         t.start()
@@ -117,6 +125,8 @@ def main() -> int:
         "p99_ms": percentile(merged, 0.99) * 1000,
         "first_error": first_error[0] if first_error else None,
     }
+    if args.raw:
+        result["latencies"] = merged
     print(json.dumps(result), flush=True)
     if stuck:
         os._exit(0)

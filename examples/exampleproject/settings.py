@@ -3,6 +3,11 @@
 ``DATABASE_URL`` is required (``make demo`` sets it to its embedded server).
 Pool options may ride in its query string (``?pool_size=2&max_overflow=1``),
 which overrides ``DATABASE_POOL_ARGS`` below.
+
+With ``DATABASE_REPLICA_URL`` set (a streaming standby, e.g.
+``postgres://USER:PASSWORD@standby:5432/NAME?target_session_attrs=prefer-standby``)
+a ``replica`` alias reads from it through a pool of its own, and
+``routers.PrimaryReplicaRouter`` sends reads there and writes to ``default``.
 """
 
 from __future__ import annotations
@@ -74,6 +79,22 @@ DATABASES = {
         "TEST": {"MIRROR": "default"},
     },
 }
+
+# Read replica (optional): reads go to a standby, writes to the primary.
+if os.environ.get("DATABASE_REPLICA_URL"):
+    _replica = dburl.config("DATABASE_REPLICA_URL", conn_max_age=0)
+    DATABASES["replica"] = {
+        **_replica,
+        "OPTIONS": {
+            # A standby if one answers, else the primary (libpq >= 14); the
+            # URL may list several hosts: postgres://u:p@s1:5432,s2:5432/db.
+            "target_session_attrs": "prefer-standby",
+            **_replica.get("OPTIONS", {}),
+            "application_name": "exampleproject-replica",
+        },
+        "TEST": {"MIRROR": "default"},
+    }
+    DATABASE_ROUTERS = ["exampleproject.routers.PrimaryReplicaRouter"]
 
 # The connection budget check (postgrespool.E001) multiplies each process's
 # pools by the number of processes: POSTGRESPOOL_WORKERS, or when unset the

@@ -15,7 +15,15 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
 
 import report  # noqa: E402
-from alternatives import ALTERNATIVES, POOL_CAP, alternatives_for, database_settings  # noqa: E402
+from alternatives import (  # noqa: E402
+    ALTERNATIVES,
+    FLEET_CONNS,
+    FLEET_THREADS,
+    FLEET_WORKERS,
+    POOL_CAP,
+    alternatives_for,
+    database_settings,
+)
 from run import aggregate  # noqa: E402
 
 DB = {
@@ -69,3 +77,34 @@ def test_every_alternative_of_a_driver_has_a_databases_entry(driver: str) -> Non
     assert set(ALTERNATIVES) >= set(names)
     assert database_settings("ours", DB)["POOL_OPTIONS"] == {"pool_size": POOL_CAP, "max_overflow": 0}
     assert database_settings("pgbouncer", DB)["PORT"] == "6432"
+
+
+def test_fleet_alternatives_get_5_connections_per_worker_or_20_in_pgbouncer() -> None:
+    fleet = {**DB, "cap": FLEET_CONNS // FLEET_WORKERS, "pgbouncer_port": 6433}
+    assert alternatives_for("psycopg", fleet=True) == [
+        "native_pool", "pgbouncer", "pgbouncer_persistent", "ours_pgbouncer", "ours"
+    ]
+    assert "pgbouncer_persistent" not in alternatives_for("psycopg")
+    ours = database_settings("ours", fleet)
+    assert (ours["PORT"], ours["POOL_OPTIONS"]) == ("5432", {"pool_size": 5, "max_overflow": 0})
+    assert database_settings("native_pool", fleet)["OPTIONS"]["pool"]["max_size"] == 5
+    bounced = database_settings("pgbouncer_persistent", fleet)
+    assert bounced["PORT"] == "6433" and bounced["CONN_MAX_AGE"] is None
+    assert bounced["DISABLE_SERVER_SIDE_CURSORS"] is True
+    assert bounced["OPTIONS"]["prepare_threshold"] is None
+    both = database_settings("ours_pgbouncer", fleet)
+    assert both["PORT"] == "6433" and both["POOL_OPTIONS"]["pool_size"] == 5
+    assert both["DISABLE_SERVER_SIDE_CURSORS"] is True
+
+
+def test_fleet_ratios_compare_ours_with_pgbouncer_and_djangos_pool() -> None:
+    def fleet(alt: str, rps: float, workload: str = "F-http") -> dict[str, object]:
+        return {**row(alt, FLEET_WORKERS * FLEET_THREADS, rps, conns=FLEET_CONNS),
+                "workload": workload}
+
+    rows = [fleet("ours", 900), fleet("pgbouncer_persistent", 1000), fleet("native_pool", 600)]
+    table, missed = report.fleet_ratios(rows + [row("ours", 4, 1.0)])
+    assert missed == ["F-http: ours ÷ pgbouncer_persistent = 0.90, target ≥ 1.0 (short by 11%)"]
+    assert "| Django's pool (OPTIONS['pool']) | F-http | 600 |" in table
+    # The fleet's rows stay out of the per-level ratio table.
+    assert "F-http" not in report.ratios(rows)[0]

@@ -5,6 +5,15 @@ Uses the machine's server binaries (``initdb``/``pg_ctl``, found with
 run as the ``postgres`` user when we are root (they refuse to run as root).
 Without system binaries it falls back to the ``pgserver`` package from PyPI.
 
+A primary with a streaming standby (physical replication, ``pg_basebackup -R``)::
+
+    primary = Cluster(synchronous_standby=True)
+    primary.start()
+    standby = primary.standby()          # a Cluster: its own port and data folder
+    standby.start()                      # streams from the primary, read-only
+    primary.stop("immediate")
+    standby.promote()                    # now read-write
+
 Command line (used by ``make demo``)::
 
     python tests/support/pgcluster.py serve --data .pgdata/demo   # prints the URL, Ctrl-C stops
@@ -104,7 +113,13 @@ class Cluster:
     """One PostgreSQL server in a data folder of its own."""
 
     def __init__(
-        self, data: Path | None = None, port: int | None = None, *, ssl: bool = False
+        self,
+        data: Path | None = None,
+        port: int | None = None,
+        *,
+        ssl: bool = False,
+        synchronous_standby: bool = False,
+        primary: Cluster | None = None,
     ) -> None:
         self.bindir = find_bindir()
         if self.bindir is None:
@@ -132,6 +147,19 @@ class Cluster:
         # With ssl=True: the self-signed certificate, also the root clients trust
         # (sslrootcert=...); its subjectAltName is 127.0.0.1, so verify-full works.
         self.ssl_root_cert = self.root / "server.crt"
+        # A standby is made from its primary by pg_basebackup, not initdb.
+        self.primary = primary
+        if synchronous_standby:
+            # A commit is acknowledged once a standby has flushed it, so a
+            # promoted standby has every acknowledged commit (the server-wide
+            # synchronous_commit=off would acknowledge before that). With the
+            # standby down, commits wait: stop the primary first.
+            self.extra_settings.update(synchronous_standby_names="*", synchronous_commit="on")
+        if primary is not None:
+            # Settings are given on pg_ctl's command line, never copied from the
+            # primary: no synchronous standby of its own, so that once promoted
+            # it does not wait for one.
+            self.extra_settings["hot_standby_feedback"] = "on"
 
     # -- running commands -------------------------------------------------
 
@@ -162,6 +190,9 @@ class Cluster:
         self._chown(self.socket_dir)
         if (self.data / "PG_VERSION").exists():
             return
+        if self.primary is not None:
+            self._base_backup(self.primary)
+            return
         pwfile = self.root / "pwfile"
         pwfile.write_text(self.password + "\n")
         self._chown(pwfile)
@@ -179,6 +210,51 @@ class Cluster:
             "--no-sync",
         )
         pwfile.unlink()
+
+    def _base_backup(self, primary: Cluster) -> None:
+        """Copy ``primary``'s data folder with pg_basebackup and make it a standby of it."""
+        # Over the unix socket, where initdb's pg_hba.conf trusts replication
+        # connections; -R writes primary_conninfo and standby.signal.
+        self._run(
+            self._bin("pg_basebackup"),
+            "-D",
+            str(self.data),
+            "-h",
+            str(primary.socket_dir),
+            "-p",
+            str(primary.port),
+            "-U",
+            primary.user,
+            "-X",
+            "stream",
+            "-c",
+            "fast",
+            "-R",
+            "--no-sync",
+        )
+        os.chmod(self.data, 0o700)
+
+    def standby(self, port: int | None = None) -> Cluster:
+        """Return a streaming standby of this (running) server, in a temp folder, not started."""
+        return Cluster(port=port, primary=self)
+
+    def promote(self, timeout: float = 60) -> None:
+        """Promote this standby; return once it accepts writes."""
+        self._run(
+            self._bin("pg_ctl"), "-D", str(self.data), "-w", "-t", str(int(timeout)), "promote"
+        )
+
+    def in_recovery(self) -> bool:
+        """Tell whether this server is a standby (in recovery)."""
+        return self.psql("SELECT pg_is_in_recovery()") == "t"
+
+    def wait_streaming(self, timeout: float = 30) -> None:
+        """Return once this primary has a standby streaming from it."""
+        deadline = time.monotonic() + timeout
+        while self.psql("SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'") == "0":
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no standby streaming from 127.0.0.1:{self.port} in {timeout}s")
+            time.sleep(0.05)
 
     def _write_certificate(self) -> None:
         """Write a self-signed server.crt/server.key (once) and turn ssl on."""
@@ -288,6 +364,27 @@ class Cluster:
         exists = self.psql(f"SELECT 1 FROM pg_database WHERE datname = '{name}'")
         if not exists:
             self.psql(f'CREATE DATABASE "{name}"')
+
+
+def start_pair(synchronous_commit: str = "on") -> tuple[Cluster, Cluster]:
+    """Start a primary and a standby streaming from it (synchronously); return both.
+
+    ``synchronous_commit='remote_apply'`` also makes a commit visible on the
+    standby before it is acknowledged (read-your-writes through a replica).
+    Destroy the standby first: a synchronous primary waits for it.
+    """
+    primary = Cluster(synchronous_standby=True)
+    primary.extra_settings["synchronous_commit"] = synchronous_commit
+    standby = primary.standby()
+    try:
+        primary.start()
+        standby.start()
+        primary.wait_streaming()
+    except BaseException:
+        standby.destroy()
+        primary.destroy()
+        raise
+    return primary, standby
 
 
 def serve(data: Path, port: int | None, database: str, env_file: Path | None) -> int:
