@@ -332,7 +332,8 @@ class PooledDatabaseWrapperMixin:
             target,
             autocommit=settings_dict["AUTOCOMMIT"],
             connect_errors=(self.Database.OperationalError,),  # type: ignore[attr-defined]
-            require_primary=attrs in ("read-write", "primary"),
+            require_primary=attrs == "primary",
+            require_writable=attrs == "read-write",
         )
 
 

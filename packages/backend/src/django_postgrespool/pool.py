@@ -268,6 +268,7 @@ class ConnectionPool:
         autocommit: bool = True,
         connect_errors: tuple[type[BaseException], ...] = (),
         require_primary: bool = False,
+        require_writable: bool = False,
     ) -> None:
         self.alias = alias
         self.autocommit = autocommit
@@ -287,16 +288,20 @@ class ConnectionPool:
         self._connect_errors = connect_errors
         # With target_session_attrs=read-write, a ping also proves the server
         # is not (or no longer) in recovery.
-        # With target_session_attrs=read-write, libpq checks the server only
-        # when it connects; a pooled session outlives a demotion (a server
-        # made read-only, a standby that took over the address): every
-        # checkout then asks, in one round trip, whether it can still write.
-        self._require_primary = require_primary
-        self._ping_sql = (
-            "SELECT NOT pg_is_in_recovery() AND current_setting('transaction_read_only') = 'off'"
-            if require_primary
-            else "SELECT true"
-        )
+        # With target_session_attrs=primary or read-write, libpq checks the
+        # server only when it connects; a pooled session outlives a demotion
+        # (a server made read-only, a standby that took over the address):
+        # every checkout then asks again, in one round trip.
+        self._require_primary = require_primary or require_writable
+        if require_writable:
+            self._ping_sql = (
+                "SELECT NOT pg_is_in_recovery()"
+                " AND current_setting('transaction_read_only') = 'off'"
+            )
+        elif require_primary:
+            self._ping_sql = "SELECT NOT pg_is_in_recovery()"
+        else:
+            self._ping_sql = "SELECT true"
         # Connections opened before the last disconnect this pool saw get a
         # real ping at their next checkout (see _check).
         self._suspect_before = float("-inf")
