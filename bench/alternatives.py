@@ -28,7 +28,13 @@ ALTERNATIVES: dict[str, tuple[str, tuple[str, ...]]] = {
     "pgbouncer_persistent": ("PgBouncer, persistent clients", ("psycopg",)),
     "ours_pgbouncer": ("django-postgrespool behind PgBouncer", ("psycopg",)),
     "ours": ("django-postgrespool", ("psycopg", "psycopg2")),
+    "ours_metrics": (
+        "django-postgrespool, metrics exported (OpenTelemetry SDK, Prometheus)",
+        ("psycopg",),
+    ),
 }
+# Extra cells, next to 'ours' at one level only (run.py): the cost of metrics.
+EXTRA_CELLS = ("ours_metrics",)
 # Run in the fleet workloads only (and every one of them there, but no_pooling,
 # persistent and django-db-connection-pool, which cannot share 20 connections
 # among 32 threads or are covered by the other workloads).
@@ -45,6 +51,7 @@ def alternatives_for(driver: str, fleet: bool = False) -> list[str]:
         name
         for name, (_, drivers) in ALTERNATIVES.items()
         if driver in drivers
+        and name not in EXTRA_CELLS
         and (name in FLEET_ALTERNATIVES if fleet else name not in FLEET_ONLY)
     ]
 
@@ -93,7 +100,7 @@ def database_settings(alt: str, db: dict[str, Any]) -> dict[str, Any]:
     elif alt == "pgbouncer_persistent":
         # Each thread keeps its client connection to PgBouncer.
         entry["CONN_MAX_AGE"] = None
-    elif alt in ("ours", "ours_pgbouncer"):
+    elif alt in ("ours", "ours_pgbouncer", "ours_metrics"):
         # Its defaults otherwise (pre_ping='socket', reset='rollback').
         entry["ENGINE"] = "django_postgrespool"
         entry["POOL_OPTIONS"] = {"pool_size": cap, "max_overflow": 0}

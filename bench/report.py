@@ -171,6 +171,14 @@ def pool_figures(rows: list[dict[str, Any]]) -> list[str]:
                     f"connections, {limit['rps']:.0f} req/s): {', '.join(parts)}."
                 )
     for driver in _keys(rows, "driver"):
+        ours, metrics = idx.get((driver, "A-one", "ours", 1)), idx.get(
+            (driver, "A-one", "ours_metrics", 1))
+        if ours and metrics and ours["rps"] and metrics["rps"]:
+            out.append(
+                f"- A-one {driver}, 1 client: exporting metrics (OpenTelemetry SDK, Prometheus) "
+                f"costs {1e6 / metrics['rps'] - 1e6 / ours['rps']:.1f} µs per request."
+            )
+    for driver in _keys(rows, "driver"):
         ours, native = idx.get((driver, "B-http", "ours", 64)), idx.get(
             (driver, "B-http", "native_pool", 64))
         if ours and native:

@@ -76,7 +76,8 @@ COMMON = [
 REQUIREMENTS = {
     # The psycopg venv also runs this script's second half: the monitor
     # connection, matplotlib and py-spy live there.
-    "psycopg": ["psycopg[binary,pool]>=3.2", "matplotlib>=3.8", "py-spy>=0.3", *COMMON],
+    "psycopg": ["psycopg[binary,pool]>=3.2", "matplotlib>=3.8", "py-spy>=0.3",
+                "opentelemetry-sdk>=1.20", "prometheus-client>=0.17", *COMMON],
     "psycopg2": ["psycopg2-binary>=2.9", *COMMON],
 }
 
@@ -587,6 +588,10 @@ def measure(args: argparse.Namespace) -> int:
                     if workload.startswith("A-") and level == 16 and "persistent" in alts:
                         # The limit for the pool's 10 connections, alternating with the rest.
                         pairs.append(("persistent", report.LIMIT_THREADS))
+                    if (workload == "A-one" and level == 1 and "ours" in alts and "ours_metrics" in args.alts
+                            and driver in ALTERNATIVES["ours_metrics"][1]):
+                        # What exporting metrics costs a request, next to 'ours'.
+                        pairs.append(("ours_metrics", 1))
                     plans.append((driver, workload, pairs, args.rounds))
         for workload in args.workloads:
             if is_fleet(workload) and fleet_alts:

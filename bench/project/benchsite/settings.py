@@ -27,6 +27,16 @@ INSTALLED_APPS = ["benchapp"]
 MIDDLEWARE: list[str] = []
 DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
 DATABASES = {"default": database_settings(os.environ["BENCH_ALT"], json.loads(os.environ["BENCH_DB"]))}
+# Metrics exported (OpenTelemetry SDK with a periodic reader, Prometheus) for
+# 'ours_metrics' only; every other alternative runs with them off.
+POSTGRESPOOL_METRICS = os.environ["BENCH_ALT"] == "ours_metrics"
+if POSTGRESPOOL_METRICS:
+    from opentelemetry import metrics as _otel_metrics
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
+
+    _otel_metrics.set_meter_provider(MeterProvider(metric_readers=[PeriodicExportingMetricReader(
+        ConsoleMetricExporter(out=open(os.devnull, "w")), export_interval_millis=1000)]))
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

@@ -280,15 +280,19 @@ class PooledDatabaseWrapperMixin:
 
     def _current_pool(self) -> ConnectionPool:
         pool = self._pool
-        key = self._pool_key()
-        if pool is None or pool.closed or key != self._pool_key_cached:
+        settings_key = self._settings_key()
+        if pool is None or pool.closed or settings_key != self._pool_key_cached:
+            key = (type(self), self.alias, settings_key)  # type: ignore[attr-defined]
             pool = registry.get_pool(key, self._build_pool)
-            self._pool, self._pool_key_cached = pool, key
+            self._pool, self._pool_key_cached = pool, settings_key
         return pool
 
-    def _pool_key(self) -> Hashable:
-        # Everything a physical connection depends on; conn_params derive
-        # from these. OPTIONS is frozen again only when it changed.
+    def _settings_key(self) -> Hashable:
+        # Everything a physical connection depends on, checked at every
+        # connect (an alias's NAME may be switched in place): conn_params
+        # derive from these, the session's time zone from timezone_name
+        # (which follows TIME_ZONE and USE_TZ). OPTIONS is frozen again only
+        # when it changed.
         sd = self.settings_dict  # type: ignore[attr-defined]
         options, pool_options = sd["OPTIONS"], sd.get("POOL_OPTIONS")
         cached = self._options_key
@@ -296,8 +300,6 @@ class PooledDatabaseWrapperMixin:
             frozen = (_freeze(options), _freeze(pool_options))
             cached = self._options_key = (dict(options), _copy(pool_options), frozen)
         return (
-            type(self),
-            self.alias,  # type: ignore[attr-defined]
             sd["NAME"],
             sd["USER"],
             sd["PASSWORD"],
@@ -306,7 +308,6 @@ class PooledDatabaseWrapperMixin:
             sd["AUTOCOMMIT"],
             cached[2],
             self.timezone_name,  # type: ignore[attr-defined]
-            settings.USE_TZ,
         )
 
     @sensitive_variables()

@@ -747,12 +747,12 @@ class ConnectionPool:
                 # closed: no cursor outlives its lease, so none ever runs on
                 # the next borrower's session.
                 lease.cursors = []
-                if status == _INERROR:
-                    raw.rollback()
                 for cursor in cursors:
                     if not cursor.closed:
+                        if status == _INERROR:
+                            raw.rollback()
                         cursor.close()
-                status = lease.status()
+                        status = lease.status()
             if status != _IDLE:  # in a transaction, or a failed one
                 raw.rollback()
             if self._discard_all:
