@@ -154,3 +154,25 @@ def free_addrport() -> tuple[int, str]:
 def port_is_closed(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def load_then_default_pool(
+    served: Served, paths: list[str], clients: int = 16
+) -> tuple[list[int], dict[str, object]]:
+    """GET ``paths`` with ``clients`` at once; return the statuses and the 'default' pool's stats."""
+    import json
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    def get(path: str) -> int:
+        with urllib.request.urlopen(served.base + path, timeout=60) as response:
+            response.read()
+            return int(response.status)
+
+    with ThreadPoolExecutor(clients) as pool:
+        statuses = list(pool.map(get, paths))
+    with urllib.request.urlopen(served.base + "/pool.json", timeout=30) as response:
+        stats = json.load(response)
+    (default,) = [a for a in stats["aliases"] if a["alias"] == "default"]
+    (pool_stats,) = default["pools"]
+    return statuses, pool_stats

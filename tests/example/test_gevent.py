@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-import pytest
-import json
 import sys
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+
+import pytest
 
 import gevent  # noqa: F401 - installed in every lane (tests/support/lanes.py)
 
-from tests.example.helpers import ExampleDatabase, example_env, free_addrport, start_server, stop
+from tests.example.helpers import (
+    ExampleDatabase,
+    example_env,
+    free_addrport,
+    load_then_default_pool,
+    start_server,
+    stop,
+)
 
 from tests.support.db import DRIVER
 
@@ -31,22 +36,12 @@ def test_gevent_worker_shares_the_pool_between_greenlets_within_the_cap(
         tmp_path / "gunicorn.log", port,
     )
 
-    def get(path: str) -> int:
-        with urllib.request.urlopen(served.base + path, timeout=60) as response:
-            response.read()
-            return response.status
-
     try:
         paths = ["/api/slow-query/?ms=20", "/api/products/"] * 60
-        with ThreadPoolExecutor(16) as clients:
-            statuses = list(clients.map(get, paths))
-        with urllib.request.urlopen(served.base + "/pool.json", timeout=30) as response:
-            stats = json.load(response)
+        statuses, pool = load_then_default_pool(served, paths)
     finally:
         stop(served.process)
     assert statuses == [200] * len(paths), served.output()[-3000:]
-    (default,) = [a for a in stats["aliases"] if a["alias"] == "default"]
-    (pool,) = default["pools"]
     print(f"\ngevent: {pool['checkouts']} checkouts, {pool['waits']} waits, "
           f"{pool['handoffs']} hand-offs, peak {pool['peak_checked_out']}, opened {pool['opened']}")
     assert pool["checked_out"] == 0 and pool["timeouts"] == 0
