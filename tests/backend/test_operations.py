@@ -11,6 +11,7 @@ from django.db import connections
 from django_postgrespool import PoolError, pool_stats, prewarm
 
 from tests.support.db import connect, url_params
+from tests.support.proxy import pipe
 from tests.support.requests import backend_pid, run_request
 from tests.support.settings import database_settings, unique_name
 
@@ -119,21 +120,7 @@ class DroppingServer:
                 continue
             upstream = socket.create_connection(self.upstream)
             for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+                threading.Thread(target=pipe, args=(a, b), daemon=True).start()
 
     def close(self) -> None:
         self._stop = True

@@ -14,6 +14,8 @@ from django_postgrespool import pool_stats
 from django_postgrespool import checks as pool_checks
 from django_postgrespool._rules import DOCS_URL
 
+from tests.support.proxy import pipe
+
 SIZING = f"See {DOCS_URL}guide/sizing.html"
 AGE_HINT = (
     "Set CONN_MAX_AGE = 0: the pool already keeps connections open, and each request then "
@@ -247,18 +249,7 @@ def tcp_proxy() -> Iterator[int]:
     listener.listen(16)
     stopping = threading.Event()
 
-    def pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+    pump = pipe
 
     def accept() -> None:
         while not stopping.is_set():
