@@ -386,6 +386,72 @@ def test_reconnect_backoff_lets_one_attempt_through_at_a_time() -> None:
     assert pool.stats()["backoff_until"] is None
 
 
+@pytest.mark.parametrize(
+    ("failure", "signalled"), [(Refused, True), (ValueError, True), (ValueError, False)]
+)
+def test_a_checkout_waiting_at_the_cap_hears_of_a_failed_attempt_at_once(
+    failure: type, signalled: bool
+) -> None:
+    # The cap is reached by attempts still connecting; one fails, which frees
+    # its slot in QueuePool. The checkout waiting for that room must hear of
+    # it (and fail fast with the backoff, or try itself), not sit out its
+    # whole timeout (a CI run once saw a 30 s PoolTimeout this way).
+    release = threading.Event()
+    calls = []
+
+    def connect() -> FakeConnection:
+        calls.append(threading.current_thread().name)
+        if len(calls) == 1:
+            release.wait(10)
+            raise failure("connection to server failed")
+        return FakeConnection()
+
+    pool = ConnectionPool(
+        "fake",
+        PoolOptions(pool_size=1, max_overflow=0, timeout=30.0),
+        TARGET,
+        connect_errors=(Refused,),
+    )
+    if not signalled:  # a missed signal: the waiter's periodic look finds the room
+        pool._signal_room = lambda gone=None: None  # type: ignore[method-assign]
+    outcome: dict[str, object] = {}
+
+    def first() -> None:
+        try:
+            pool.checkout(connect, None, threading.current_thread())
+        except Exception as error:  # noqa: BLE001 - recorded
+            outcome["first"] = type(error).__name__
+
+    def second() -> None:
+        t0 = time.monotonic()
+        try:
+            pool.checkin(pool.checkout(connect, None, threading.current_thread()))
+            outcome["second"] = "ok"
+        except Exception as error:  # noqa: BLE001 - recorded
+            outcome["second"] = type(error).__name__
+        outcome["took"] = time.monotonic() - t0
+
+    a = threading.Thread(target=first)
+    a.start()
+    while not calls:
+        time.sleep(0.001)
+    b = threading.Thread(target=second)
+    b.start()
+    while not pool._waiters:  # the second checkout waits at the cap
+        time.sleep(0.001)
+    release.set()
+    a.join(10)
+    b.join(40)
+    print(f"{failure.__name__}: {outcome}")
+    assert outcome["first"] == failure.__name__
+    # Refused: the backoff answers the waiter at once. Anything else: no
+    # backoff, so the waiter opens its own connection.
+    assert outcome["second"] == ("PoolError" if failure is Refused else "ok")
+    assert outcome["took"] < 10.0  # not the 30 s timeout: woken, not timed out
+    assert pool.stats()["timeouts"] == 0
+    assert not pool._waiters
+
+
 def test_leak_warning_names_the_borrowers_code(caplog: pytest.LogCaptureFixture) -> None:
     pool = make_pool(leak_timeout=0.2)
 

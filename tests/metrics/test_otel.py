@@ -61,15 +61,12 @@ def test_pool_state_is_observed_under_the_semantic_convention_names(otel_reader,
     assert units["db.client.connection.timeouts"] == "{timeout}"
 
 
-def test_a_timing_passed_to_the_hook_lands_in_the_bucket_the_conventions_advise(otel_reader):
-    collected(otel_reader)  # an SDK has collected: the histograms are fed from now on
-    assert metrics.timing_observers, "the OpenTelemetry histograms did not attach to the hook"
-    metrics.notify_timing("otel_hook", "wait", 0.02)
-    metrics.notify_timing("otel_hook", "wait", 12.0)
-    [wait] = points_of(collected(otel_reader), "db.client.connection.wait_time", "otel_hook")
-    assert list(wait.explicit_bounds) == [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10]
-    assert list(wait.bucket_counts) == [0, 0, 0, 1, 0, 0, 0, 0, 0, 1]
-    assert (wait.count, wait.sum) == (2, 12.02)
+def test_the_histograms_are_fed_from_the_pools_counts_with_nothing_on_the_checkout_path(otel_reader):
+    from django_postgrespool.metrics import otel
+
+    collected(otel_reader)  # an SDK has collected
+    assert otel.register().feed == "merge"
+    assert metrics.timing_observers == (), "a checkout would call an observer"
 
 
 def test_checkout_wait_use_and_create_times_are_recorded_by_the_pool(otel_reader, pooled_alias):

@@ -151,20 +151,35 @@ class PoolStats(TypedDict):
 
 
 class _Histogram:
-    """Counts per fixed bucket and a running sum: no allocation per observation."""
+    """Counts per fixed bucket and a running sum: no allocation per observation.
 
-    __slots__ = ("alias", "counts", "kind", "total")
+    ``low``/``high`` are the least and greatest timings since the last
+    :meth:`take` (the OpenTelemetry feed's collection window).
+    """
+
+    __slots__ = ("__weakref__", "alias", "counts", "high", "kind", "low", "total")
 
     def __init__(self, alias: str, kind: _metrics.TimingKind) -> None:
         self.alias, self.kind = alias, kind
         self.counts = [0] * (len(TIME_BUCKETS) + 1)
         self.total = 0.0
+        self.low, self.high = float("inf"), float("-inf")
 
     def observe(self, seconds: float) -> None:
         self.counts[bisect.bisect_left(TIME_BUCKETS, seconds)] += 1
         self.total += seconds
-        if _metrics.timing_observers:  # an exporter that needs each timing (OpenTelemetry)
+        if seconds < self.low:
+            self.low = seconds
+        if seconds > self.high:
+            self.high = seconds
+        if _metrics.timing_observers:  # an exporter that needs each timing
             _metrics.notify_timing(self.alias, self.kind, seconds)
+
+    def take(self) -> tuple[list[int], float, float, float]:
+        """Return the counts and sum so far, and the least and greatest timing since the last."""
+        low, high = self.low, self.high
+        self.low, self.high = float("inf"), float("-inf")
+        return list(self.counts), self.total, low, high
 
     def snapshot(self) -> HistogramSnapshot:
         counts = list(self.counts)
@@ -436,7 +451,7 @@ class ConnectionPool:
             room = self._room
             # QueuePool's own count says whether it is at its cap: asking it
             # for a connection there would only raise, at a price.
-            if self._queue.checkedout() < self.options.max_connections or self._failing:
+            if self._has_room() or self._failing:
                 lease = self._open(open_connection)
                 if lease is not None:
                     return lease, "new"
@@ -447,6 +462,9 @@ class ConnectionPool:
             if lease is not None:
                 return lease, "handoff"
             # None: a connection closed meanwhile, there is room for a new one.
+
+    def _has_room(self) -> bool:
+        return self._queue.checkedout() < self.options.max_connections
 
     def _open(self, open_connection: Callable[[], Any]) -> Lease | None:
         """Open a new connection through QueuePool; None when it is at the cap."""
@@ -465,8 +483,12 @@ class ConnectionPool:
             fairy = self._queue.connect()
         except sa_exc.TimeoutError:  # at the cap
             return None
-        except self._connect_errors as error:
-            self._note_connect_failure(error)
+        except BaseException as error:
+            # QueuePool has freed the slot this attempt held: a checkout that
+            # found it at the cap meanwhile is waiting for that room.
+            if isinstance(error, self._connect_errors):
+                self._note_connect_failure(error)
+            self._signal_room()
             raise
         finally:
             _opening.open = None
@@ -563,17 +585,18 @@ class ConnectionPool:
             if remaining > 0:
                 if waiter.wakeup.acquire(timeout=min(remaining, _RECLAIM_INTERVAL)):
                     return waiter.lease
-                # Still waiting: a borrower's thread may have ended meanwhile.
+                # Still waiting: a borrower's thread may have ended meanwhile,
+                # or (belt and braces) room may have appeared unannounced.
                 reclaimed = self._reclaim_dead()
-                if reclaimed is None:
+                if reclaimed is None and not self._has_room():
                     continue
             with self._lock:
                 if waiter.served:  # handed over as we gave up: take it
                     lease = waiter.lease
                 else:
                     self._waiters.remove(waiter)
-                    if reclaimed is not None:
-                        return reclaimed
+                    if reclaimed is not None or remaining > 0:
+                        return reclaimed  # None: room to open a connection
                     self._timeouts += 1
                     raise self._timeout_error()
             if reclaimed is not None:  # served twice: keep one, give the other back
@@ -798,10 +821,14 @@ class ConnectionPool:
         except Exception:  # closing a broken connection may fail: it is gone anyway
             pass
         self._closed += 1
+        self._signal_room(lease)
+
+    def _signal_room(self, gone: Lease | None = None) -> None:
+        """A slot under the cap is free: wake the oldest waiter to open a connection."""
         with self._lock:
-            self._leases.discard(lease)
+            if gone is not None:
+                self._leases.discard(gone)
             self._room += 1
-            # Room for a waiter to open a connection.
             waiter = self._hand_over(None) if self._waiters else None
         if waiter is not None:
             waiter.wakeup.release()
@@ -860,6 +887,10 @@ class ConnectionPool:
                 break
             self._retire(lease, None, warn=False)
         self._queue.dispose()
+
+    def histograms(self) -> dict[_metrics.TimingKind, _Histogram]:
+        """The pool's timing histograms, by kind (for exporters that read them directly)."""
+        return {"wait": self._wait_hist, "use": self._use_hist, "create": self._create_hist}
 
     def in_use(self) -> int:
         """Return how many connections are lent right now."""

@@ -10,7 +10,7 @@ from typing import Any
 
 from django_postgrespool.pool import ConnectionPool, PoolStats
 
-__all__ = ["close_pools", "get_pool", "on_fork_in_child", "pool_stats"]
+__all__ = ["all_pools", "close_pools", "get_pool", "on_fork_in_child", "pool_stats"]
 
 # Held only while looking up or creating a pool (never while connecting), so
 # that the first requests of several threads agree on one pool per key.
@@ -89,6 +89,13 @@ def pool_stats(alias: str | None = None) -> list[PoolStats]:
         pools = list(_pools.values())
     pools += [pool for pool in list(_retired) if pool.in_use() > 0]
     return [pool.stats() for pool in pools if alias is None or pool.alias == alias]
+
+
+def all_pools() -> list[ConnectionPool]:
+    """Every pool of this process: the current ones and retired ones not yet collected."""
+    with _lock:
+        pools = list(_pools.values())
+    return pools + list(_retired)
 
 
 def on_fork_in_child(callback: Callable[[], Any]) -> None:

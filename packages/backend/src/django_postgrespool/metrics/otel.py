@@ -17,24 +17,34 @@ Instruments (every one with ``db.client.connection.pool.name``, the alias):
   ``db.client.connection.timeouts`` (a counter);
 * histograms, in seconds, with the conventions' advised bucket bounds:
   ``db.client.connection.create_time``, ``db.client.connection.wait_time``,
-  ``db.client.connection.use_time``. The API has no observable histogram, and
-  replaying the pool's bucket counts at each collection would invent the
-  values; so every timing is taken from the pool's timing hook
-  (:func:`django_postgrespool.metrics.add_timing_observer`) as it happens.
-  A checkout only appends it to a queue (an SDK's ``record()`` costs
-  microseconds); the SDK's next collection records the queued timings into the
-  histograms before it reads them, from its own thread. The hook is attached
-  once an SDK is there: at registration when the global provider is already an
-  SDK's, else at the SDK's first collection (timings before it are not
-  reported).
+  ``db.client.connection.use_time``.
+
+The API has no observable histogram, and an SDK's ``record()`` costs about
+6 µs (two per request: 12 µs, more than the pool's whole tax). So a checkout
+records nothing for OpenTelemetry: the pool keeps its own fixed-bucket
+histograms (the same bounds), and at each collection, before the SDK reads its
+histograms, what the pools counted since the last collection is added to the
+SDK's explicit-bucket aggregations: bucket counts, sum, and the least and
+greatest timing of the interval; exact, at a cost per collection, not per
+request. That reaches into the SDK's aggregations, which the API does not
+expose: the feed checks their shape first (the OpenTelemetry Python SDK's own,
+with the pool's bucket bounds, no attribute filter dropping the pool name) and
+otherwise records every timing through the API (``record()``) from a queue the
+pool fills as it times (the *replay* feed: the same figures, at the SDK's
+price, paid by the collecting thread). A view that changes the histograms'
+aggregation or bounds selects the replay feed.
 """
 
 from __future__ import annotations
 
+import bisect
+import logging
+import math
 import threading
 import time
+import weakref
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from opentelemetry import metrics as otel_metrics
@@ -55,10 +65,12 @@ from django_postgrespool.metrics import (
 
 __all__ = ["POOL_NAME", "STATE", "Instruments", "register"]
 
+logger = logging.getLogger("django_postgrespool")
+
 POOL_NAME = "db.client.connection.pool.name"
 STATE = "db.client.connection.state"
 
-# Every observable callback of one collection reads the same snapshot.
+# The observable callbacks of one collection read the snapshot the first one took.
 _SNAPSHOT_TTL = 0.05
 # Timings waiting for the next collection; beyond this the oldest are dropped
 # (an SDK that never collects must not make the queue grow for ever).
@@ -72,14 +84,27 @@ def _is_sdk(provider: MeterProvider) -> bool:
 
 
 class Instruments:
-    """The pools' instruments on one meter, and the timing hook that feeds its histograms."""
+    """The pools' instruments on one meter, and the feed of its histograms."""
 
-    def __init__(self, meter: Meter, *, sdk: bool) -> None:
+    def __init__(
+        self,
+        meter: Meter,
+        *,
+        sdk: bool,
+        pools: Callable[[], Iterable[Any]] | None = None,
+        merge: bool = True,
+    ) -> None:
         self._lock = threading.Lock()
         self._snapshot: tuple[float, dict[str, list[Point]]] = (float("-inf"), {})
         self._attributes: dict[str, dict[str, str]] = {}
         self._pending: deque[tuple[str, TimingKind, float]] = deque(maxlen=MAX_PENDING)
-        self.hooked = False
+        self._pools = pools or _all_pools
+        # The pools' histograms already added to the SDK's: (the pool, counts, sum).
+        self._fed: weakref.WeakKeyDictionary[Any, tuple[Any, list[int], float]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._allow_merge = merge
+        self.feed: str | None = None  # "merge" | "replay" once an SDK is there
         for name, unit, text in GAUGES:
             meter.create_observable_up_down_counter(
                 name, [self._callback(name)], unit=unit, description=text
@@ -99,38 +124,92 @@ class Instruments:
             self.hook()
 
     def hook(self) -> None:
-        """Start recording the pools' timings into the histograms."""
-        if not self.hooked:
-            self.hooked = True
-            add_timing_observer(self.record)
+        """Start feeding the histograms: merged at each collection, or replayed."""
+        if self.feed is None:
+            if self._allow_merge and all(
+                _sdk_matches(h) is not None for h in self._histograms.values()
+            ):
+                self.feed = "merge"  # the first collection takes all the pools counted
+            else:
+                self._replay()
+
+    def _replay(self) -> None:
+        self.feed = "replay"
+        add_timing_observer(self.record)
 
     def unhook(self) -> None:
-        """Stop recording the pools' timings."""
-        self.hooked = False
+        """Stop feeding the histograms."""
+        self.feed = None
         remove_timing_observer(self.record)
+        self._pending.clear()
 
     def record(self, alias: str, kind: TimingKind, seconds: float) -> None:
-        """Queue one timing of the pool of ``alias`` for the next collection (the timing hook)."""
+        """Queue one timing of the pool of ``alias`` for the next collection (the replay feed)."""
         self._pending.append((alias, kind, seconds))  # atomic: no lock on the checkout path
 
     def flush(self) -> None:
-        """Record the queued timings into the histograms."""
-        pending, attributes, histograms = self._pending, self._attributes, self._histograms
+        """Add what the pools timed since the last collection to the histograms."""
+        if self.feed == "merge":
+            try:
+                self._merge()
+                return
+            except _CannotMerge as why:
+                logger.warning(
+                    "django_postgrespool: the OpenTelemetry SDK's histograms cannot take the "
+                    "pools' counts (%s); recording every timing through the API from now on.",
+                    why,
+                )
+                self._replay()
+        pending, histograms = self._pending, self._histograms
         while True:
             try:
                 alias, kind, seconds = pending.popleft()
             except IndexError:
                 return
-            labels = attributes.get(alias)
-            if labels is None:
-                labels = attributes[alias] = {POOL_NAME: alias}
-            histograms[kind].record(seconds, labels)
+            histograms[kind].record(seconds, self._labels(alias))
 
-    def _points(self) -> dict[str, list[Point]]:
+    def _labels(self, alias: str) -> dict[str, str]:
+        labels = self._attributes.get(alias)
+        if labels is None:
+            labels = self._attributes[alias] = {POOL_NAME: alias}
+        return labels
+
+    def _merge(self) -> None:
+        fed = self._fed
+        targets = {}
+        for kind, instrument in self._histograms.items():
+            matches = _sdk_matches(instrument)
+            if matches is None:
+                raise _CannotMerge("an unknown SDK or a view with another aggregation")
+            targets[kind] = (instrument, matches)
+        for pool in list(self._pools()):
+            for kind, histogram in pool.histograms().items():
+                counts, total, low, high = histogram.take()
+                _, before, total_before = fed.get(histogram, (None, None, 0.0))
+                fed[histogram] = (pool, counts, total)
+                if before is None:  # first seen: from zero
+                    before = [0] * len(counts)
+                new = [now - then for now, then in zip(counts, before, strict=True)]
+                if any(new):
+                    instrument, matches = targets[kind]
+                    _add(instrument, matches, self._labels(pool.alias), new,
+                         total - total_before, low, high)
+        # A pool is held here until it is closed and drained, and its last
+        # counts fed; then its entry goes when the pool is garbage-collected.
+        for histogram, (pool, counts, total) in list(fed.items()):
+            if pool is not None and pool.closed and not pool.in_use():
+                fed[histogram] = (None, counts, total)
+
+    def _points(self, first: bool) -> dict[str, list[Point]]:
         now = time.monotonic()
         with self._lock:
             taken, by_name = self._snapshot
-            if now - taken > _SNAPSHOT_TTL:
+            if first:
+                # Once per collection (the first instrument's callback): the
+                # SDK calls every observable callback before it reads the
+                # histograms, so what is fed here is part of this collection.
+                self.flush()
+            if first or now - taken > _SNAPSHOT_TTL:
                 from django_postgrespool.registry import pool_stats
 
                 by_name = {}
@@ -140,15 +219,122 @@ class Instruments:
         return by_name
 
     def _callback(self, name: str) -> Any:
+        first = name == GAUGES[0][0]
+
         def observe(options: CallbackOptions) -> Iterable[Observation]:
             # Only an SDK collects: from now on the histograms are worth feeding.
-            # It calls the observable callbacks before it reads the histograms,
-            # so the timings flushed here are part of this collection.
             self.hook()
-            self.flush()
-            return [_observation(p) for p in self._points().get(name, [])]
+            return [_observation(p) for p in self._points(first).get(name, [])]
 
         return observe
+
+
+class _CannotMerge(Exception):
+    pass
+
+
+def _all_pools() -> list[Any]:
+    from django_postgrespool.registry import all_pools
+
+    return all_pools()
+
+
+_BOUNDS = tuple(float(b) for b in DEFAULT_TIME_BUCKETS)
+
+
+def _sdk_matches(instrument: Any) -> list[Any] | None:
+    """The SDK's view matches of ``instrument`` if every one can take merged counts, else None.
+
+    Private parts of the OpenTelemetry Python SDK, checked before use: each
+    reader's storage, its views of the instrument, each an explicit-bucket
+    histogram with the pool's bounds (or dropped). Anything else: None.
+    """
+    real = getattr(instrument, "_real_instrument", None) or instrument  # the API's proxy
+    try:
+        storages = list(real._measurement_consumer._reader_storages.values())
+        matches = []
+        for storage in storages:
+            for match in storage._get_or_init_view_instrument_match(real):
+                kind = type(match._aggregation).__name__
+                if kind == "_DropAggregation":
+                    continue
+                if kind != "_ExplicitBucketHistogramAggregation":
+                    return None
+                prototype = match._aggregation
+                if tuple(prototype._boundaries) != _BOUNDS:
+                    return None
+                for name in ("_value", "_sum", "_min", "_max", "_record_min_max", "_lock"):
+                    if not hasattr(prototype, name):
+                        return None
+                keys = match._view._attribute_keys
+                if keys is not None and POOL_NAME not in keys:
+                    return None
+                if not isinstance(match._attributes_aggregation, dict):
+                    return None
+                matches.append(match)
+        return matches
+    except (AttributeError, TypeError):
+        return None
+
+
+def _inside(bucket: int) -> float:
+    """A value in bucket ``bucket`` (the bounds are upper bounds, inclusive)."""
+    if bucket == 0:
+        return _BOUNDS[0] / 2
+    if bucket == len(_BOUNDS):
+        return _BOUNDS[-1] * 2
+    return (_BOUNDS[bucket - 1] + _BOUNDS[bucket]) / 2
+
+
+def _aggregation_of(match: Any, labels: dict[str, str]) -> Any:
+    for aggregation in list(match._attributes_aggregation.values()):
+        if aggregation._attributes == labels:
+            return aggregation
+    return None
+
+
+def _add(
+    instrument: Any,
+    matches: list[Any],
+    labels: dict[str, str],
+    counts: list[int],
+    total: float,
+    low: float,
+    high: float,
+) -> None:
+    """Add an interval's counts to the SDK's aggregation of ``labels`` in every view."""
+    real = getattr(instrument, "_real_instrument", None) or instrument
+    if any(_aggregation_of(m, labels) is None for m in matches):
+        # The SDK makes its aggregation of a set of attributes at its first
+        # measurement: make it with one real timing of the interval, the least
+        # (or, if a checkout timed it at the edge of the interval, a value
+        # inside the lowest bucket that has counts).
+        seed = low
+        if not math.isfinite(low) or not counts[bisect.bisect_left(_BOUNDS, low)]:
+            seed = _inside(next(i for i, count in enumerate(counts) if count))
+        real.record(seed, labels)
+        counts = list(counts)
+        counts[bisect.bisect_left(_BOUNDS, seed)] -= 1
+        total -= seed
+        if not any(counts):
+            return
+    for match in matches:
+        aggregation = _aggregation_of(match, labels)
+        if aggregation is None:
+            raise _CannotMerge("no aggregation for the pool name")
+        with aggregation._lock:
+            if aggregation._value is None:
+                aggregation._value = aggregation._get_empty_bucket_counts()
+            value = aggregation._value
+            for i, count in enumerate(counts):
+                if count:
+                    value[i] += count
+            aggregation._sum += total
+            if aggregation._record_min_max:
+                if math.isfinite(low):
+                    aggregation._min = min(aggregation._min, low)
+                if math.isfinite(high):
+                    aggregation._max = max(aggregation._max, high)
 
 
 def _observation(point: Point) -> Observation:
