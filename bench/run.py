@@ -495,6 +495,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+CYCLE_MODES = ("off", "merge", "replay")
+
+
+def measure_cycle(db: dict[str, Any], rounds: int, cycles: int = 20_000) -> dict[str, list[float]]:
+    """µs per checkout → checkin with metrics off, merged, replayed (cycle.py), alternating."""
+    out: dict[str, list[float]] = {mode: [] for mode in CYCLE_MODES}
+    env = {**os.environ, "BENCH_DB": json.dumps(db)}
+    for round_ in range(rounds):
+        shift = round_ % len(CYCLE_MODES)
+        for mode in CYCLE_MODES[shift:] + CYCLE_MODES[:shift]:
+            done = subprocess.run(
+                [sys.executable, str(BENCH / "cycle.py"), mode, str(cycles)],
+                env=env, capture_output=True, text=True, timeout=300,
+            )
+            if done.returncode:
+                raise HarnessError(f"cycle.py {mode} failed: {done.stderr[-2000:]}")
+            out[mode].append(json.loads(done.stdout.strip().splitlines()[-1])["us"])
+        print(f"  pool cycle round {round_ + 1}: " + ", ".join(
+            f"{mode} {out[mode][-1]:.2f} µs" for mode in CYCLE_MODES), flush=True)
+    return out
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if not args.in_venv:
@@ -526,6 +548,7 @@ def measure(args: argparse.Namespace) -> int:
     fleet_bouncers: dict[str, PgBouncer] = {}
     monitor = None
     cells: list[dict[str, Any]] = []
+    cycle: dict[str, list[float]] = {}
     http_project = HttpProject()
     broken: list[str] = []
     try:
@@ -622,6 +645,8 @@ def measure(args: argparse.Namespace) -> int:
                         f"conns {result['server_conns']:3} errors {result['errors']}",
                         flush=True,
                     )
+        if "A-one" in args.workloads and {"ours", "ours_metrics"} <= set(args.alts):
+            cycle = measure_cycle(db, rounds=3 if args.quick else 15)
     finally:
         if monitor is not None:
             monitor.close()
@@ -643,6 +668,7 @@ def measure(args: argparse.Namespace) -> int:
         "load_after": [round(x, 2) for x in os.getloadavg()],
         "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
         "versions": report.versions(args.drivers, venv_python),
+        "cycle": cycle,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

@@ -108,3 +108,14 @@ def test_fleet_ratios_compare_ours_with_pgbouncer_and_djangos_pool() -> None:
     assert "| Django's pool (OPTIONS['pool']) | F-http | 600 |" in table
     # The fleet's rows stay out of the per-level ratio table.
     assert "F-http" not in report.ratios(rows)[0]
+
+
+def test_cycle_figures_give_what_metrics_add_per_request_against_the_target() -> None:
+    cycle = {"off": [2.0, 2.2, 2.1], "merge": [2.1, 2.3, 2.2], "replay": [15.0, 16.0, 15.5]}
+    text = "\n".join(report.cycle_figures(cycle))
+    assert "median of 3 alternating rounds: 2.10 µs with no exporter" in text
+    assert "2.20 µs, +0.10 µs per cycle with one collection included (target ≤ 2 µs per request: met)" in text
+    assert "15.50 µs, +13.40 µs per cycle" in text
+    slow = {"off": [2.0], "merge": [5.0]}
+    assert "**missed**" in "\n".join(report.cycle_figures(slow))
+    assert report.cycle_figures({}) == []
