@@ -28,6 +28,7 @@ ALTERNATIVES: dict[str, tuple[str, tuple[str, ...]]] = {
     "pgbouncer_persistent": ("PgBouncer, persistent clients", ("psycopg",)),
     "ours_pgbouncer": ("django-postgrespool behind PgBouncer", ("psycopg",)),
     "ours": ("django-postgrespool", ("psycopg", "psycopg2")),
+    "ours_txn": ("django-postgrespool, lease='transaction'", ("psycopg",)),
     "ours_metrics": (
         "django-postgrespool, metrics exported (OpenTelemetry SDK, Prometheus)",
         ("psycopg",),
@@ -38,8 +39,10 @@ EXTRA_CELLS = ("ours_metrics",)
 # Run in the fleet workloads only (and every one of them there, but no_pooling,
 # persistent and django-db-connection-pool, which cannot share 20 connections
 # among 32 threads or are covered by the other workloads).
-FLEET_ONLY = ("pgbouncer_persistent", "ours_pgbouncer")
-FLEET_ALTERNATIVES = ("pgbouncer_persistent", "native_pool", "ours_pgbouncer", "pgbouncer", "ours")
+FLEET_ONLY = ("pgbouncer_persistent", "ours_pgbouncer", "ours_txn")
+FLEET_ALTERNATIVES = (
+    "pgbouncer_persistent", "native_pool", "ours_pgbouncer", "pgbouncer", "ours", "ours_txn",
+)
 # PgBouncer alternatives: each has a PgBouncer of its own, so that the server
 # sessions it holds carry its application_name alone.
 BOUNCED = ("pgbouncer", "pgbouncer_persistent", "ours_pgbouncer")
@@ -100,10 +103,13 @@ def database_settings(alt: str, db: dict[str, Any]) -> dict[str, Any]:
     elif alt == "pgbouncer_persistent":
         # Each thread keeps its client connection to PgBouncer.
         entry["CONN_MAX_AGE"] = None
-    elif alt in ("ours", "ours_pgbouncer", "ours_metrics"):
+    elif alt in ("ours", "ours_pgbouncer", "ours_metrics", "ours_txn"):
         # Its defaults otherwise (pre_ping='socket', reset='rollback').
         entry["ENGINE"] = "django_postgrespool"
         entry["POOL_OPTIONS"] = {"pool_size": cap, "max_overflow": 0}
+        if alt == "ours_txn":
+            # Given back after each statement: PgBouncer's transaction mode, in process.
+            entry["POOL_OPTIONS"]["lease"] = "transaction"
         # For experiments (profiling a change of defaults): extra POOL_OPTIONS.
         entry["POOL_OPTIONS"].update(db.get("ours_pool_options") or {})
     return entry

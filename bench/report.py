@@ -256,6 +256,18 @@ def fleet_ratios(rows: list[dict[str, Any]]) -> tuple[str, list[str]]:
                 f"| {r['server_conns']} | {r['errors']} | "
                 f"{'' if ratio is None else f'{ratio:.2f}'} | {target} | {verdict} |"
             )
+    txn = []
+    for workload in _keys(rows, "workload"):
+        mine = idx.get(("psycopg", workload, "ours_txn", FLEET_CLIENTS))
+        parts = [
+            f"{ALTERNATIVES[alt][0]} {mine['rps'] / r['rps']:.2f}"
+            for alt in ("pgbouncer_persistent", "native_pool", "ours")
+            if mine and (r := idx.get(("psycopg", workload, alt, FLEET_CLIENTS))) and r["rps"]
+        ]
+        if parts:
+            txn.append(f"- {workload}: ours with lease='transaction' ÷ {', ÷ '.join(parts)}.")
+    if txn:
+        out += ["", *txn]
     return "\n".join(out), missed
 
 

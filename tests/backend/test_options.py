@@ -11,7 +11,7 @@ from django_postgrespool.options import resolve_pool_options
 
 from tests.support.requests import backend_pid, run_request
 
-VALID = "Valid options: leak_timeout, max_idle, max_overflow, pool_size, pre_ping, recycle, reset, timeout, use_lifo."
+VALID = "Valid options: leak_timeout, lease, max_idle, max_overflow, pool_size, pre_ping, recycle, reset, timeout, use_lifo."
 SRC = "DATABASES['pooled']['POOL_OPTIONS']"
 
 

@@ -9,6 +9,7 @@ against real PostgreSQL in test_lease.py.
 from __future__ import annotations
 
 import gc
+import os
 import random
 import socket
 import threading
@@ -17,7 +18,8 @@ import time
 import pytest
 from django_postgrespool.errors import PoolError, PoolTimeout
 from django_postgrespool.options import PoolOptions
-from django_postgrespool.pool import GONE, IDLE, ConnectionPool, Target
+from django_postgrespool import pool as pool_module
+from django_postgrespool.pool import GONE, IDLE, ConnectionPool, Target, _Waiter
 
 TARGET = Target(database="db", host="h", port="1", user="u")
 
@@ -450,6 +452,48 @@ def test_a_checkout_waiting_at_the_cap_hears_of_a_failed_attempt_at_once(
     assert outcome["took"] < 10.0  # not the 30 s timeout: woken, not timed out
     assert pool.stats()["timeouts"] == 0
     assert not pool._waiters
+
+
+needs_eventfd = pytest.mark.skipif(not pool_module._HAS_EVENTFD, reason="Linux's eventfd")
+
+
+@needs_eventfd
+def test_a_ring_left_over_from_an_earlier_wait_does_not_serve_the_next_one() -> None:
+    # A waiter that gave up as it was served leaves its thread's bell rung.
+    pool = make_pool(pool_size=1, timeout=5.0)
+    held = pool.checkout(FakeConnection, None, None)
+    waiter = _Waiter()
+    waiter.done()
+    waiter.bell.ring()  # the stale ring
+    threading.Timer(0.3, pool.checkin, (held,)).start()
+    lease = pool.checkout(FakeConnection, None, threading.current_thread())
+    assert lease.source == "handoff"  # woken by the ring first, it went on waiting
+    assert lease.wait >= 0.25
+    pool.checkin(lease)
+    assert_consistent(pool)
+
+
+@needs_eventfd
+def test_waits_of_one_thread_at_once_get_bells_of_their_own() -> None:
+    # Greenlets of one OS thread may wait at once, where threading.local is not patched.
+    first, second = _Waiter(), _Waiter()
+    assert first.bell is not second.bell
+    first.done()
+    second.done()
+    third = _Waiter()
+    assert third.bell is pool_module._doorbells.bell
+    third.done()
+
+
+@needs_eventfd
+def test_a_forked_child_does_not_share_its_parents_bell() -> None:
+    _Waiter().done()  # this thread has a bell now
+    assert pool_module._doorbells.bell is not None
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if it got a bell of its own
+        os._exit(0 if pool_module._doorbells.bell is None else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_leak_warning_names_the_borrowers_code(caplog: pytest.LogCaptureFixture) -> None:

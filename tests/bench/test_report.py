@@ -82,9 +82,12 @@ def test_every_alternative_of_a_driver_has_a_databases_entry(driver: str) -> Non
 def test_fleet_alternatives_get_5_connections_per_worker_or_20_in_pgbouncer() -> None:
     fleet = {**DB, "cap": FLEET_CONNS // FLEET_WORKERS, "pgbouncer_port": 6433}
     assert alternatives_for("psycopg", fleet=True) == [
-        "native_pool", "pgbouncer", "pgbouncer_persistent", "ours_pgbouncer", "ours"
+        "native_pool", "pgbouncer", "pgbouncer_persistent", "ours_pgbouncer", "ours", "ours_txn"
     ]
     assert "pgbouncer_persistent" not in alternatives_for("psycopg")
+    assert "ours_txn" not in alternatives_for("psycopg")
+    assert database_settings("ours_txn", fleet)["POOL_OPTIONS"] == {
+        "pool_size": 5, "max_overflow": 0, "lease": "transaction"}
     ours = database_settings("ours", fleet)
     assert (ours["PORT"], ours["POOL_OPTIONS"]) == ("5432", {"pool_size": 5, "max_overflow": 0})
     assert database_settings("native_pool", fleet)["OPTIONS"]["pool"]["max_size"] == 5

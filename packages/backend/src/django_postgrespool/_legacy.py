@@ -60,8 +60,8 @@ logger = logging.getLogger("django_postgrespool")
 POOL_OPTION_NAMES = _rules.NAMES
 normalize_pool_options = _rules.normalize
 _r = _rules._r
-# Options this backend does not implement: refused unless None.
-_UNAVAILABLE = ("leak_timeout", "max_idle")
+# Options this backend does not implement: refused unless they have their default.
+_UNAVAILABLE = ("lease", "leak_timeout", "max_idle")
 
 
 def resolve_pool_options(alias, settings_dict):

@@ -48,6 +48,7 @@ DEFAULTS = {
     "reset": "rollback",
     "max_idle": None,
     "leak_timeout": None,
+    "lease": "request",
 }  # type: dict[str, Any]
 NAMES = tuple(sorted(DEFAULTS))
 
@@ -179,6 +180,13 @@ def _reset(value):
     raise Invalid("one of 'rollback' or 'discard'")
 
 
+def _lease(value):
+    # type: (object) -> str
+    if isinstance(value, _text) and value.strip().lower() in ("request", "transaction"):
+        return str(value.strip().lower())
+    raise Invalid("one of 'request' or 'transaction'")
+
+
 NORMALIZERS = {
     "pool_size": lambda v: _int(v, 1),
     "max_overflow": lambda v: _int(v, 0),
@@ -189,6 +197,7 @@ NORMALIZERS = {
     "reset": _reset,
     "max_idle": _optional_seconds,
     "leak_timeout": _optional_seconds,
+    "lease": _lease,
 }  # type: dict[str, Callable[[object], Any]]
 assert set(NORMALIZERS) == set(DEFAULTS)
 
@@ -200,7 +209,7 @@ def normalize(options, source, unavailable=()):
     ``source`` names where the options were written (for example
     ``"DATABASES['default']['POOL_OPTIONS']"``); every error message starts
     with it. It must never contain a password. An option of ``unavailable``
-    is refused unless it is None (the legacy backend lacks a few).
+    is refused unless it has its default (the legacy backend lacks a few).
     """
     if not isinstance(options, _Mapping):
         raise ImproperlyConfigured(
@@ -224,7 +233,7 @@ def normalize(options, source, unavailable=()):
                 "%s: pool option %s must be %s; got %s."
                 % (source, _r(key), error.expected, _r(value))
             )
-        if key in unavailable and normalized[str(key)] is not None:
+        if key in unavailable and normalized[str(key)] != DEFAULTS[key]:
             raise ImproperlyConfigured(not_on_legacy_message(source, str(key)))
     return normalized
 
@@ -286,5 +295,6 @@ def not_on_legacy_message(source, key):
     """Return the error for an option the legacy backend (Python 2.7) does not implement."""
     return (
         "%s: pool option %s is not available on Python 2.7 with Django 1.4-1.6 (the legacy "
-        "backend); remove it, or set it to None. %s" % (source, _r(key), see("legacy"))
+        "backend); remove it, or set it to %s. %s"
+        % (source, _r(key), _r(DEFAULTS[key]), see("legacy"))
     )

@@ -21,12 +21,13 @@ from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.postgresql import base as postgresql_base
 from django.db.backends.postgresql.creation import DatabaseCreation as PostgreSQLCreation
 from django.db.backends.signals import connection_created
+from django.db.backends.utils import CursorDebugWrapper, CursorWrapper
 from django.views.decorators.debug import sensitive_variables
 
 from django_postgrespool import metrics, registry
 from django_postgrespool.errors import PoolError
 from django_postgrespool.options import POOL_OPTION_NAMES, resolve_pool_options
-from django_postgrespool.pool import ConnectionPool, Lease, Target
+from django_postgrespool.pool import _IDLE, ConnectionPool, Lease, Target
 
 __all__ = [
     "CheckoutInfo",
@@ -79,6 +80,24 @@ class DatabaseCreation(PostgreSQLCreation):
         super()._destroy_test_db(test_database_name, verbosity)  # type: ignore[misc]
 
 
+class _ReleasingCursorWrapper(CursorWrapper):
+    """A cursor whose close() gives the connection back when nothing else holds it.
+
+    With ``lease='transaction'`` only: the connection goes back to the pool
+    after each statement in autocommit mode and after each transaction.
+    """
+
+    def close(self) -> None:
+        self.cursor.close()
+        self.db._release_if_idle()
+
+
+class _ReleasingCursorDebugWrapper(CursorDebugWrapper):
+    def close(self) -> None:
+        self.cursor.close()
+        self.db._release_if_idle()
+
+
 class PooledDatabaseWrapperMixin:
     """Turn a PostgreSQL ``DatabaseWrapper`` into a pooled one."""
 
@@ -92,6 +111,7 @@ class PooledDatabaseWrapperMixin:
     _discard_reason: str | None = None
     _checkout: tuple[str, float, float] | None = None  # (source, wait, borrowed at)
     _checkout_returned_at: float | None = None
+    _per_transaction = False  # lease='transaction': given back between transactions
 
     # Django's own pool (OPTIONS['pool'], Django >= 5.1) is never used.
     pool = None
@@ -131,6 +151,7 @@ class PooledDatabaseWrapperMixin:
             None if self._thread_sharing_count else current_thread(),  # type: ignore[attr-defined]
         )
         self._lease = self._last_lease = lease
+        self._per_transaction = pool.options.lease == "transaction"
         self._checkout = (lease.source, lease.wait, lease.borrowed_at)
         self._checkout_returned_at = None
         if lease.configured:
@@ -194,6 +215,51 @@ class PooledDatabaseWrapperMixin:
         if lease is not None:
             lease.track(cursor)  # closed when the connection is given back
         return cursor
+
+    # -- lease='transaction' ----------------------------------------------
+
+    def make_cursor(self, cursor: Any) -> Any:
+        if self._per_transaction:
+            return _ReleasingCursorWrapper(cursor, self)
+        return super().make_cursor(cursor)  # type: ignore[misc]
+
+    def make_debug_cursor(self, cursor: Any) -> Any:
+        if self._per_transaction:
+            return _ReleasingCursorDebugWrapper(cursor, self)
+        return super().make_debug_cursor(cursor)  # type: ignore[misc]
+
+    def set_autocommit(self, autocommit: bool, *args: Any, **kwargs: Any) -> None:
+        super().set_autocommit(autocommit, *args, **kwargs)  # type: ignore[misc]
+        if autocommit:  # the end of an atomic block, its on_commit callbacks run
+            self._release_if_idle()
+
+    def _release_if_idle(self) -> None:
+        """With lease='transaction', give the connection back if nothing needs it now.
+
+        Nothing needs it in autocommit mode, outside any atomic block, with
+        no transaction open on the server and every cursor closed (a server-
+        side cursor of QuerySet.iterator() keeps it until it is exhausted).
+        The next query borrows one again (this one, if it is still idle).
+        """
+        lease = self._lease
+        if (
+            lease is None
+            or not self._per_transaction
+            or not lease.configured  # inside Django's connect(), setting it up
+            or not self.autocommit  # type: ignore[attr-defined]
+            or self.in_atomic_block  # type: ignore[attr-defined]
+            or self._thread_sharing_count  # type: ignore[attr-defined]
+        ):
+            return
+        for cursor in lease.cursors:
+            if not cursor.closed:
+                return
+        try:
+            if lease.status() != _IDLE:  # a transaction begun by hand, or a query running
+                return
+        except Exception:  # a broken connection: Django's close() deals with it
+            return
+        self._close()
 
     def _set_autocommit(self, autocommit: bool) -> None:
         # Checkin already restored the AUTOCOMMIT setting; don't pay the

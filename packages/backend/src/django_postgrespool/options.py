@@ -25,6 +25,7 @@ __all__ = [
 
 PrePing = bool | Literal["socket"]
 ResetMode = Literal["rollback", "discard"]
+LeaseMode = Literal["request", "transaction"]
 _D = _rules.DEFAULTS
 
 
@@ -41,6 +42,7 @@ class PoolOptions:
     reset: ResetMode = _D["reset"]
     max_idle: float | None = _D["max_idle"]
     leak_timeout: float | None = _D["leak_timeout"]
+    lease: LeaseMode = _D["lease"]
 
     @property
     def max_connections(self) -> int:

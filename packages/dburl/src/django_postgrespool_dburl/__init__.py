@@ -82,6 +82,7 @@ class PoolArgs(TypedDict, total=False):
     reset: str
     max_idle: float | str | None
     leak_timeout: float | str | None
+    lease: str
 
 
 class _DjArgs(TypedDict):
