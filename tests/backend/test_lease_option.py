@@ -121,13 +121,19 @@ def test_a_server_side_cursor_keeps_the_connection_until_it_is_closed(pooled_ali
     wrapper.close()
 
 
-def test_each_checkout_is_a_connect_for_connection_created_receivers(pooled_alias):
+def test_each_checkout_is_a_connect_for_connection_created_receivers_that_may_query(
+    pooled_alias,
+):
     alias, _ = pooled_alias("lease_signal", pool_options={**ONE, "lease": "transaction"})
     seen: list[str] = []
 
     def receiver(sender, connection, **kwargs):
         if connection.alias == alias:
             seen.append(alias)
+            # As django.contrib.postgres's receiver does: a query inside connect(),
+            # which must not give the connection back before connect() returns.
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT 1")
 
     connection_created.connect(receiver)
     try:
@@ -148,3 +154,21 @@ def test_an_unknown_lease_is_refused_naming_the_choices(pooled_alias):
         f"DATABASES[{alias!r}]['POOL_OPTIONS']: pool option 'lease' must be one of "
         "'request' or 'transaction'; got 'statement'."
     )
+
+
+def test_debug_cursors_are_still_the_backends_and_log_every_query(pooled_alias):
+    from django.db.backends.postgresql.base import CursorDebugWrapper
+
+    alias, _ = pooled_alias("lease_debug", pool_options={**ONE, "lease": "transaction"})
+    wrapper = connections[alias]
+    wrapper.force_debug_cursor = True
+    try:
+        for n in (1, 2):
+            with wrapper.cursor() as cursor:
+                assert isinstance(cursor, CursorDebugWrapper)  # its copy() logging, for one
+                cursor.execute(f"SELECT {n}")
+            assert checked_out(alias) == 0
+        assert [q["sql"] for q in wrapper.queries] == ["SELECT 1", "SELECT 2"]
+    finally:
+        wrapper.force_debug_cursor = False
+        wrapper.close()

@@ -21,7 +21,6 @@ from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.postgresql import base as postgresql_base
 from django.db.backends.postgresql.creation import DatabaseCreation as PostgreSQLCreation
 from django.db.backends.signals import connection_created
-from django.db.backends.utils import CursorDebugWrapper, CursorWrapper
 from django.views.decorators.debug import sensitive_variables
 
 from django_postgrespool import metrics, registry
@@ -80,22 +79,25 @@ class DatabaseCreation(PostgreSQLCreation):
         super()._destroy_test_db(test_database_name, verbosity)  # type: ignore[misc]
 
 
-class _ReleasingCursorWrapper(CursorWrapper):
-    """A cursor whose close() gives the connection back when nothing else holds it.
-
-    With ``lease='transaction'`` only: the connection goes back to the pool
-    after each statement in autocommit mode and after each transaction.
-    """
-
-    def close(self) -> None:
-        self.cursor.close()
-        self.db._release_if_idle()
+def _close_and_release(self: Any) -> None:
+    self.cursor.close()
+    self.db._release_if_idle()
 
 
-class _ReleasingCursorDebugWrapper(CursorDebugWrapper):
-    def close(self) -> None:
-        self.cursor.close()
-        self.db._release_if_idle()
+_RELEASING: dict[type, type] = {}
+
+
+def _releasing(wrapper_class: type) -> type:
+    """``wrapper_class`` (Django's cursor wrapper, or the backend's debug one) whose
+    close() gives the connection back when nothing else holds it (lease='transaction')."""
+    made = _RELEASING.get(wrapper_class)
+    if made is None:
+        made = _RELEASING[wrapper_class] = type(
+            f"Releasing{wrapper_class.__name__}",
+            (wrapper_class,),
+            {"close": _close_and_release, "__doc__": wrapper_class.__doc__},
+        )
+    return made
 
 
 class PooledDatabaseWrapperMixin:
@@ -112,6 +114,7 @@ class PooledDatabaseWrapperMixin:
     _checkout: tuple[str, float, float] | None = None  # (source, wait, borrowed at)
     _checkout_returned_at: float | None = None
     _per_transaction = False  # lease='transaction': given back between transactions
+    _connecting = False  # inside connect(): connection_created receivers may query
 
     # Django's own pool (OPTIONS['pool'], Django >= 5.1) is never used.
     pool = None
@@ -143,6 +146,13 @@ class PooledDatabaseWrapperMixin:
             # connection of its own, as with the stock engine.
             super().connect()  # type: ignore[misc]
             return
+        self._connecting = True
+        try:
+            self._borrow()
+        finally:
+            self._connecting = False
+
+    def _borrow(self) -> None:
         pool = self._current_pool()
         lease = pool.checkout(
             self._open_physical_connection,
@@ -219,14 +229,16 @@ class PooledDatabaseWrapperMixin:
     # -- lease='transaction' ----------------------------------------------
 
     def make_cursor(self, cursor: Any) -> Any:
+        wrapped = super().make_cursor(cursor)  # type: ignore[misc]
         if self._per_transaction:
-            return _ReleasingCursorWrapper(cursor, self)
-        return super().make_cursor(cursor)  # type: ignore[misc]
+            wrapped.__class__ = _releasing(type(wrapped))
+        return wrapped
 
     def make_debug_cursor(self, cursor: Any) -> Any:
+        wrapped = super().make_debug_cursor(cursor)  # type: ignore[misc]
         if self._per_transaction:
-            return _ReleasingCursorDebugWrapper(cursor, self)
-        return super().make_debug_cursor(cursor)  # type: ignore[misc]
+            wrapped.__class__ = _releasing(type(wrapped))
+        return wrapped
 
     def set_autocommit(self, autocommit: bool, *args: Any, **kwargs: Any) -> None:
         super().set_autocommit(autocommit, *args, **kwargs)  # type: ignore[misc]
@@ -245,7 +257,7 @@ class PooledDatabaseWrapperMixin:
         if (
             lease is None
             or not self._per_transaction
-            or not lease.configured  # inside Django's connect(), setting it up
+            or self._connecting  # a connection_created receiver's query, or the setup
             or not self.autocommit  # type: ignore[attr-defined]
             or self.in_atomic_block  # type: ignore[attr-defined]
             or self._thread_sharing_count  # type: ignore[attr-defined]
