@@ -91,7 +91,17 @@ def assert_consistent(pool: ConnectionPool) -> None:
     assert not pool._waiters
 
 
-def test_hand_off_to_a_waiter_that_gives_up_at_that_moment_is_never_lost() -> None:
+@pytest.fixture(params=["eventfd", "lock"])
+def wake_up(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways a waiter sleeps: its thread's eventfd (Linux), or a lock (elsewhere)."""
+    if request.param == "eventfd" and not pool_module._HAS_EVENTFD:
+        pytest.skip("no eventfd on this system: the lock is what runs here")
+    if request.param == "lock":
+        monkeypatch.setattr(pool_module, "_HAS_EVENTFD", False)
+    return str(request.param)
+
+
+def test_hand_off_to_a_waiter_that_gives_up_at_that_moment_is_never_lost(wake_up: str) -> None:
     # Timeouts as long as the hold: waiters give up just as they are served,
     # over and over. A connection handed to a waiter that then raised would
     # stay IN_USE for ever (and the pool would shrink by one each time).
@@ -119,14 +129,14 @@ def test_hand_off_to_a_waiter_that_gives_up_at_that_moment_is_never_lost() -> No
     for t in threads:
         t.join(30)
     assert not any(t.is_alive() for t in threads)
-    print(f"hand-off race: {counts}, {pool.stats()['handoffs']} hand-offs")
+    print(f"hand-off race ({wake_up}): {counts}, {pool.stats()['handoffs']} hand-offs")
     assert counts["ok"] > 100 and counts["timeout"] > 10  # the race really ran
     assert pool.stats()["handoffs"] > 100
     assert_consistent(pool)
     assert pool.stats()["size"] == 2
 
 
-def test_returned_connection_goes_to_the_oldest_waiter() -> None:
+def test_returned_connection_goes_to_the_oldest_waiter(wake_up: str) -> None:
     pool = make_pool(pool_size=1)
     me = threading.current_thread()
     held = pool.checkout(FakeConnection, None, me)
@@ -144,6 +154,7 @@ def test_returned_connection_goes_to_the_oldest_waiter() -> None:
         threads.append(t)
         while len(pool._waiters) < n + 1:  # each joins the line before the next starts
             time.sleep(0.001)
+    assert all((w.lock is not None) == (wake_up == "lock") for w in pool._waiters)
     pool.checkin(held)
     for t in threads:
         t.join(10)
