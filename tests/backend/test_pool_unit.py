@@ -339,6 +339,14 @@ class Refused(Exception):
     pass
 
 
+def refusing_pool(**options: object) -> ConnectionPool:
+    """A pool that takes Refused as a failed connection attempt (reconnect backoff)."""
+    opts = {"max_overflow": 0, **options}
+    return ConnectionPool(
+        "fake", PoolOptions(**opts), TARGET, connect_errors=(Refused,)  # type: ignore[arg-type]
+    )
+
+
 def test_reconnect_backoff_lets_one_attempt_through_at_a_time() -> None:
     attempts: list[float] = []
     up = threading.Event()
@@ -349,12 +357,7 @@ def test_reconnect_backoff_lets_one_attempt_through_at_a_time() -> None:
             raise Refused('connection to server at "h", port 1 failed: Connection refused')
         return FakeConnection()
 
-    pool = ConnectionPool(
-        "fake",
-        PoolOptions(pool_size=2, max_overflow=0, timeout=5.0),
-        TARGET,
-        connect_errors=(Refused,),
-    )
+    pool = refusing_pool(pool_size=2, timeout=5.0)
     stop = time.monotonic() + 2.0
     slowest = [0.0]
     errors: dict[str, int] = {}
@@ -419,12 +422,7 @@ def test_a_checkout_waiting_at_the_cap_hears_of_a_failed_attempt_at_once(
             raise failure("connection to server failed")
         return FakeConnection()
 
-    pool = ConnectionPool(
-        "fake",
-        PoolOptions(pool_size=1, max_overflow=0, timeout=30.0),
-        TARGET,
-        connect_errors=(Refused,),
-    )
+    pool = refusing_pool(pool_size=1, timeout=30.0)
     if not signalled:  # a missed signal: the waiter's periodic look finds the room
         pool._signal_room = lambda gone=None: None  # type: ignore[method-assign]
     outcome: dict[str, object] = {}
