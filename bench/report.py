@@ -220,6 +220,39 @@ def cycle_figures(cycle: dict[str, list[float]]) -> list[str]:
     return out
 
 
+def fleet_cpu(rows: list[dict[str, Any]], wake: dict[str, float]) -> list[str]:
+    """Where an F-one request's CPU time goes, per alternative (run.py's accounting)."""
+    idx = _index([r for r in rows if r["workload"] == "F-one" and "client_cpu_us" in r])
+    cells = [(alt, idx.get(("psycopg", "F-one", alt, FLEET_CLIENTS))) for alt in ALTERNATIVES]
+    cells = [(alt, r) for alt, r in cells if r is not None]
+    if not cells:
+        return []
+    out = [
+        "### Where a request's CPU time goes (F-one)",
+        "",
+        "CPU time over the whole run of each cell (warm-up included) ÷ the requests served: the "
+        "Django processes (user + system), and every PostgreSQL and PgBouncer process; context "
+        "switches of the Django processes. Means of the rounds.",
+        "",
+        "| alternative | Django processes µs | PostgreSQL + PgBouncer µs | total µs "
+        "| context switches |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for alt, r in cells:
+        name = f"**{ALTERNATIVES[alt][0]}**" if alt == "ours" else ALTERNATIVES[alt][0]
+        out.append(
+            f"| {name} | {r['client_cpu_us']:.0f} | {r['server_cpu_us']:.0f} "
+            f"| {r['client_cpu_us'] + r['server_cpu_us']:.0f} | {r['switches']:.2f} |"
+        )
+    if wake:
+        out += [
+            "",
+            f"Waking a sleeping thread costs {wake['thread_us']:.1f} µs of CPU on this machine, "
+            f"a process {wake['process_us']:.1f} µs (bench/wake.py, median of 3).",
+        ]
+    return ["", *out]
+
+
 def fleet_ratios(rows: list[dict[str, Any]]) -> tuple[str, list[str]]:
     """Return the fleet's table (every alternative, ours ÷ it) and the missed targets."""
     rows = [r for r in rows if is_fleet(r)]
@@ -415,6 +448,7 @@ def write(out: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             f"{FLEET_CONNS} server connections in all (psycopg 3)",
             "",
             fleet_table,
+            *fleet_cpu(rows, meta.get("wake") or {}),
             "",
         ] if fleet_table else []),
         "## Every cell",

@@ -165,6 +165,43 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
     return sorted_values[index]
 
 
+def read_line(proc: subprocess.Popen[str], wanted: Any) -> str:
+    """Return ``proc``'s output up to and including the first line ``wanted`` accepts.
+
+    A worker prints its line within 30 s of the window's end, or ends.
+    """
+    assert proc.stdout is not None
+    seen = []
+    for line in iter(proc.stdout.readline, ""):
+        seen.append(line)
+        if wanted(line):
+            break
+    return "".join(seen)
+
+
+def server_cpu() -> float:
+    """Return the CPU seconds so far of every PostgreSQL and PgBouncer process on the machine.
+
+    A process that ends between two readings takes its time with it: the
+    difference is a lower bound (the fleet's server sessions live through a cell).
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                stat = f.read()
+        except OSError:  # it ended
+            continue
+        name, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:]
+        if name in ("postgres", "pgbouncer"):
+            fields = rest.split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
 class HarnessError(RuntimeError):
     """The benchmark itself broke (not an alternative's error count)."""
 
@@ -199,6 +236,8 @@ class Bench:
             db["cap"] = FLEET_CONNS // FLEET_WORKERS
             db["app_prefix"] = "fleet"
             db["pgbouncer_port"] = self.fleet_bouncer_ports.get(alt, 0)
+        # Experiments (a change of defaults, profiled): BENCH_OURS_POOL_OPTIONS='{"pre_ping": false}'.
+        db["ours_pool_options"] = json.loads(os.environ.get("BENCH_OURS_POOL_OPTIONS") or "{}")
         return {
             **os.environ,
             "BENCH_ALT": alt,
@@ -282,6 +321,7 @@ class Bench:
             spy = str(venv_python("psycopg").parent / "py-spy")
             cmds[0] = [spy, "record", "--format", "raw", "--rate", "250", "--gil", "--nonblocking",
                        "-o", str(a.out / f"profile-{driver}-fleet-one-{alt}.txt"), "--", *cmd]
+        server_before = 0.0
         procs = [
             subprocess.Popen(c, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
@@ -297,12 +337,23 @@ class Bench:
                 if line.strip() != "ready":
                     raise HarnessError(f"{driver} F-one {alt}: a worker did not start: "
                                        f"{line}{proc.communicate(timeout=30)[1][-3000:]}")
+            server_before = server_cpu()
             for proc in procs:
                 assert proc.stdin is not None
                 proc.stdin.write("go\n")
                 proc.stdin.flush()
-            limit = a.warmup + a.duration + 90
-            outputs = [proc.communicate(timeout=limit) for proc in procs]
+            # Each prints its JSON line, then waits to close its pool.
+            reports = [read_line(proc, lambda line: line.startswith("{")) for proc in procs]
+            server_after = server_cpu()
+            for proc in procs:
+                assert proc.stdin is not None
+                try:
+                    proc.stdin.write("close\n")
+                    proc.stdin.flush()
+                except BrokenPipeError:  # it ended: its exit code tells why, below
+                    pass
+            outputs = [proc.communicate(timeout=30) for proc in procs]
+            outputs = [(report + out, err) for report, (out, err) in zip(reports, outputs)]
         except subprocess.TimeoutExpired:
             raise HarnessError(f"{driver} F-one {alt}: a worker still running") from None
         finally:
@@ -319,6 +370,7 @@ class Bench:
                 )
             results.append(json.loads(lines[-1]))
         merged = sorted(x for r in results for x in r["latencies"])
+        served = sum(r["served"] for r in results) or 1
         return {
             "requests": len(merged),
             "errors": sum(r["errors"] for r in results),
@@ -326,6 +378,11 @@ class Bench:
             "p50_ms": percentile(merged, 0.50) * 1000,
             "p99_ms": percentile(merged, 0.99) * 1000,
             "first_error": next((r["first_error"] for r in results if r["first_error"]), None),
+            # Where the machine's time went, per request: the Django processes,
+            # and PostgreSQL with PgBouncer (the monitor's session included).
+            "client_cpu_us": sum(r["cpu_s"] for r in results) / served * 1e6,
+            "server_cpu_us": (server_after - server_before) / served * 1e6,
+            "switches": sum(r["switches"] for r in results) / served,
         }
 
     def over_http(self, driver: str, alt: str, level: int, workers: int = 1) -> dict[str, Any]:
@@ -465,6 +522,9 @@ def aggregate(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "errors": sum(r["errors"] for r in runs),
             "first_error": next((r["first_error"] for r in runs if r.get("first_error")), None),
         })
+        for key in ("client_cpu_us", "server_cpu_us", "switches"):
+            if all(key in r for r in runs):
+                rows[-1][key] = sum(r[key] for r in runs) / len(runs)
     return rows
 
 
@@ -517,6 +577,21 @@ def measure_cycle(db: dict[str, Any], rounds: int, cycles: int = 20_000) -> dict
     return out
 
 
+def measure_wake(rounds: int) -> dict[str, float]:
+    """The CPU cost of waking a thread, and a process (wake.py): the median of ``rounds``."""
+    runs = []
+    for _ in range(rounds):
+        done = subprocess.run([sys.executable, str(BENCH / "wake.py")],
+                              capture_output=True, text=True, timeout=300)
+        if done.returncode:
+            raise HarnessError(f"wake.py failed: {done.stderr[-2000:]}")
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    out = {key: sorted(r[key] for r in runs)[len(runs) // 2] for key in runs[0]}
+    print(f"  wake-ups: a thread {out['thread_us']:.1f} µs, a process {out['process_us']:.1f} µs "
+          "of CPU each", flush=True)
+    return out
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if not args.in_venv:
@@ -549,6 +624,7 @@ def measure(args: argparse.Namespace) -> int:
     monitor = None
     cells: list[dict[str, Any]] = []
     cycle: dict[str, list[float]] = {}
+    wake: dict[str, float] = {}
     http_project = HttpProject()
     broken: list[str] = []
     try:
@@ -647,6 +723,8 @@ def measure(args: argparse.Namespace) -> int:
                     )
         if "A-one" in args.workloads and {"ours", "ours_metrics"} <= set(args.alts):
             cycle = measure_cycle(db, rounds=3 if args.quick else 15)
+        if "F-one" in args.workloads and not args.quick:
+            wake = measure_wake(rounds=3)
     finally:
         if monitor is not None:
             monitor.close()
@@ -669,6 +747,7 @@ def measure(args: argparse.Namespace) -> int:
         "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
         "versions": report.versions(args.drivers, venv_python),
         "cycle": cycle,
+        "wake": wake,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

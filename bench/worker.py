@@ -8,8 +8,9 @@ the view's body (one query, or a few ORM queries), ``request_finished``
 
 with ``BENCH_ALT`` and ``BENCH_DB`` in the environment (see benchsite/settings.py).
 Several processes measure one window together (the in-process fleet) with
-``--sync``: each prints ``ready`` once set up, and starts when a line arrives
-on its standard input; ``--raw`` adds every latency to the JSON line.
+``--sync``: each prints ``ready`` once set up, starts when a line arrives
+on its standard input, and closes its pool at the next line; ``--raw`` adds
+every latency to the JSON line.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import threading
 import time
@@ -55,6 +57,7 @@ def main() -> int:
     body = one_query if args.body == "one" else orm_queries
     latencies: list[list[float]] = [[] for _ in range(args.threads)]
     errors = [0] * args.threads
+    served = [0] * args.threads  # every request, warm-up too: the CPU figures' divisor
     first_error: list[str] = []
     barrier = threading.Barrier(args.threads + 1)
     window: dict[str, float] = {}
@@ -84,6 +87,7 @@ def main() -> int:
                     if not first_error:
                         first_error.append(f"{type(error).__name__}: {error}")
             t1 = clock()
+            served[n] += 1
             if start <= t1 < end:
                 if failed:
                     errors[n] += 1
@@ -108,10 +112,12 @@ def main() -> int:
         t.start()
     window["start"] = time.perf_counter() + args.warmup
     window["end"] = window["start"] + args.duration
+    before = resource.getrusage(resource.RUSAGE_SELF)
     barrier.wait()
     deadline = time.monotonic() + args.duration + 30
     for t in threads:
         t.join(max(0.0, deadline - time.monotonic()))
+    after = resource.getrusage(resource.RUSAGE_SELF)
     stuck = sum(t.is_alive() for t in threads)
     if stuck and not first_error:
         first_error.append(f"{stuck} thread(s) still in a request 30 s after the end")
@@ -124,12 +130,18 @@ def main() -> int:
         "p50_ms": percentile(merged, 0.50) * 1000,
         "p99_ms": percentile(merged, 0.99) * 1000,
         "first_error": first_error[0] if first_error else None,
+        # This process's CPU time and context switches over all its requests.
+        "served": sum(served),
+        "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
+        "switches": (after.ru_nvcsw - before.ru_nvcsw) + (after.ru_nivcsw - before.ru_nivcsw),
     }
     if args.raw:
         result["latencies"] = merged
     print(json.dumps(result), flush=True)
     if stuck:
         os._exit(0)
+    if args.sync:  # the fleet reads the server's CPU time before the pools close
+        sys.stdin.readline()
     close_pool = getattr(connections["default"], "close_pool", None)
     if close_pool is not None:
         close_pool()

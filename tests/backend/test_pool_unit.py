@@ -476,10 +476,30 @@ def test_a_ring_left_over_from_an_earlier_wait_does_not_serve_the_next_one() -> 
     waiter.bell.ring()  # the stale ring
     threading.Timer(0.3, pool.checkin, (held,)).start()
     lease = pool.checkout(FakeConnection, None, threading.current_thread())
-    assert lease.source == "handoff"  # woken by the ring first, it went on waiting
+    assert lease.source == "handoff"  # the stale ring did not end the wait
     assert lease.wait >= 0.25
     pool.checkin(lease)
     assert_consistent(pool)
+
+
+@needs_eventfd
+def test_a_hand_off_rung_before_the_waiter_sleeps_wakes_it_at_once() -> None:
+    # Handed a connection between joining the line and sleeping: the bell
+    # is cleared before the sleep, which must not lose this ring.
+    waiter = _Waiter()
+    waiter.served = True
+    waiter.wake()
+    started = time.monotonic()
+    assert waiter.sleep(5.0)
+    assert time.monotonic() - started < 1.0
+    waiter.done()
+    # And the ring is gone: the thread's next wait sleeps until woken.
+    again = _Waiter()
+    assert again.bell is waiter.bell
+    started = time.monotonic()
+    assert not again.sleep(0.2)
+    assert time.monotonic() - started >= 0.19
+    again.done()
 
 
 @needs_eventfd

@@ -7,6 +7,7 @@ these tests only pin how its numbers are turned into the table.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,45 @@ def test_cycle_figures_give_what_metrics_add_per_request_against_the_target() ->
     slow = {"off": [2.0], "merge": [5.0]}
     assert "**missed**" in "\n".join(report.cycle_figures(slow))
     assert report.cycle_figures({}) == []
+
+
+def test_the_fleets_cpu_per_request_is_averaged_over_rounds_and_tabled() -> None:
+    cell = {"driver": "psycopg", "workload": "F-one", "alt": "ours",
+            "threads": FLEET_WORKERS * FLEET_THREADS, "seconds": 3.0, "server_conns": 20,
+            "errors": 0, "first_error": None, "requests": 3000, "p50_ms": 1.0, "p99_ms": 2.0}
+    rows = aggregate([
+        {**cell, "client_cpu_us": 200.0, "server_cpu_us": 50.0, "switches": 2.5},
+        {**cell, "client_cpu_us": 220.0, "server_cpu_us": 70.0, "switches": 2.7},
+        {**cell, "alt": "pgbouncer_persistent", "client_cpu_us": 150.0, "server_cpu_us": 80.0,
+         "switches": 1.6},
+        {**cell, "workload": "F-http"},  # over HTTP: no CPU figures
+    ])
+    ours = next(r for r in rows if r["alt"] == "ours")
+    assert (ours["client_cpu_us"], ours["server_cpu_us"]) == (210.0, 60.0)
+    assert ours["switches"] == pytest.approx(2.6)
+    assert "client_cpu_us" not in next(r for r in rows if r["workload"] == "F-http")
+    text = "\n".join(report.fleet_cpu(rows, {"thread_us": 19.6, "process_us": 24.9}))
+    assert "| **django-postgrespool** | 210 | 60 | 270 | 2.60 |" in text
+    assert "| PgBouncer, persistent clients | 150 | 80 | 230 | 1.60 |" in text
+    assert "Waking a sleeping thread costs 19.6 µs of CPU" in text
+    assert report.fleet_cpu([r for r in rows if r["workload"] == "F-http"], {}) == []
+
+
+def test_wake_measures_a_thread_and_a_process_wake_up() -> None:
+    import wake
+
+    us, switches = wake.thread_wakes(200)
+    assert us > 0 and switches > 0
+    us, switches = wake.process_wakes(200)
+    assert us > 0 and switches > 0
+
+
+def test_server_cpu_counts_postgresql_and_pgbouncer_processes_only() -> None:
+    from run import server_cpu
+
+    # This test process is neither: whatever it burns is not counted.
+    before = server_cpu()
+    deadline = time.process_time() + 0.2
+    while time.process_time() < deadline:
+        pass
+    assert server_cpu() - before < 0.15

@@ -270,13 +270,21 @@ class _Doorbell:
     def ring(self) -> None:
         os.eventfd_write(self.fd, 1)
 
+    def clear(self) -> None:
+        """Forget the rings so far: called before sleeping, not after waking.
+
+        A thread woken by a hand-off then runs no syscall (each gives the GIL
+        away) before it uses its connection; a thread about to sleep gives
+        the GIL away anyway.
+        """
+        try:
+            os.eventfd_read(self.fd)
+        except BlockingIOError:  # not rung
+            pass
+
     def listen(self, timeout: float) -> None:
-        """Return when rung (or already rung, maybe for an earlier wait) or after ``timeout``."""
-        if self.poller.poll(timeout * 1000.0):
-            try:
-                os.eventfd_read(self.fd)
-            except BlockingIOError:
-                pass
+        """Return when rung (since the last clear()) or after ``timeout``."""
+        self.poller.poll(timeout * 1000.0)
 
     def __del__(self) -> None:
         # Every _Waiter that may ring it holds it: no one writes to a closed fd.
@@ -332,9 +340,12 @@ class _Waiter:
 
     def sleep(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for :meth:`wake`; tell whether it has been served."""
-        if self.bell is not None:
-            self.bell.listen(timeout)
-            return self.served  # a ring left over from an earlier wait: not served
+        bell = self.bell
+        if bell is not None:
+            bell.clear()  # rings of earlier waits; this one's, if any, set served first
+            if not self.served:
+                bell.listen(timeout)
+            return self.served  # a ring of an earlier wait, left after a timeout: not served
         return self.lock.acquire(timeout=timeout)  # type: ignore[union-attr]
 
 
