@@ -166,10 +166,8 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
 
 
 def read_line(proc: subprocess.Popen[str], wanted: Any) -> str:
-    """Return ``proc``'s output up to and including the first line ``wanted`` accepts.
-
-    A worker prints its line within 30 s of the window's end, or ends.
-    """
+    """Return ``proc``'s output up to and including the first line ``wanted`` accepts
+    (all of it if none does: it ended)."""
     assert proc.stdout is not None
     seen = []
     for line in iter(proc.stdout.readline, ""):
@@ -342,8 +340,15 @@ class Bench:
                 assert proc.stdin is not None
                 proc.stdin.write("go\n")
                 proc.stdin.flush()
-            # Each prints its JSON line, then waits to close its pool.
-            reports = [read_line(proc, lambda line: line.startswith("{")) for proc in procs]
+            # Each prints its JSON line, then waits to close its pool. A worker
+            # still silent after the limit is killed: its exit code tells below.
+            limit = a.warmup + a.duration + 90
+            watchdog = threading.Timer(limit, lambda: [p.kill() for p in procs if p.poll() is None])
+            watchdog.start()
+            try:
+                reports = [read_line(proc, lambda line: line.startswith("{")) for proc in procs]
+            finally:
+                watchdog.cancel()
             server_after = server_cpu()
             for proc in procs:
                 assert proc.stdin is not None
