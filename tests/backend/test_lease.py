@@ -212,8 +212,13 @@ def test_no_hang_when_the_collector_runs_at_every_allocation(pooled_alias):
     assert stats["size"] <= 3
 
 
-def test_hand_off_race_with_timeouts_loses_no_connection(pooled_alias, monitor):
-    alias, app = pooled_alias(pool_options={"pool_size": 2, "max_overflow": 0, "timeout": 0.005})
+@pytest.mark.parametrize("fair_after", [0, 0.002])
+def test_hand_off_race_with_timeouts_loses_no_connection(pooled_alias, monitor, fair_after):
+    # fair_after=0: every checkin serves the line at once; 0.002: waiters
+    # also wake up to take connections left idle, and give up meanwhile.
+    alias, app = pooled_alias(
+        pool_options={"pool_size": 2, "max_overflow": 0, "timeout": 0.005, "fair_after": fair_after}
+    )
     barrier = threading.Barrier(6)
     outcome = {"ok": 0, "timeout": 0}
     lock = threading.Lock()

@@ -11,7 +11,7 @@ from django_postgrespool.options import resolve_pool_options
 
 from tests.support.requests import backend_pid, run_request
 
-VALID = "Valid options: leak_timeout, lease, max_idle, max_overflow, pool_size, pre_ping, recycle, reset, timeout, use_lifo."
+VALID = "Valid options: fair_after, leak_timeout, lease, max_idle, max_overflow, pool_size, pre_ping, recycle, reset, timeout, use_lifo."
 SRC = "DATABASES['pooled']['POOL_OPTIONS']"
 
 
@@ -54,6 +54,16 @@ SRC = "DATABASES['pooled']['POOL_OPTIONS']"
         (
             {"reset": "all"},
             f"{SRC}: pool option 'reset' must be one of 'rollback' or 'discard'; got 'all'.",
+        ),
+        (
+            {"fair_after": -0.01},
+            f"{SRC}: pool option 'fair_after' must be a number of seconds >= 0 "
+            "(0: first come, first served); got -0.01.",
+        ),
+        (
+            {"fair_after": True},
+            f"{SRC}: pool option 'fair_after' must be a number of seconds >= 0 "
+            "(0: first come, first served); got True.",
         ),
         (
             {"poolsize": 5},
@@ -139,6 +149,8 @@ def test_pool_keys_in_options_are_not_passed_to_the_driver(pooled_alias):
         ({"recycle": "300"}, {"recycle": 300.0}),
         ({"pool_size": " 7 "}, {"pool_size": 7}),
         ({"reset": "DISCARD"}, {"reset": "discard"}),
+        ({"fair_after": "0"}, {"fair_after": 0.0}),
+        ({"fair_after": " 0.05 "}, {"fair_after": 0.05}),
     ],
 )
 def test_spellings_are_normalised_once(given, expected):

@@ -19,7 +19,7 @@ import pytest
 from django_postgrespool.errors import PoolError, PoolTimeout
 from django_postgrespool.options import PoolOptions
 from django_postgrespool import pool as pool_module
-from django_postgrespool.pool import GONE, IDLE, ConnectionPool, Target, _Waiter
+from django_postgrespool.pool import GONE, IDLE, ConnectionPool, Lease, Target, _Waiter
 
 TARGET = Target(database="db", host="h", port="1", user="u")
 
@@ -101,11 +101,15 @@ def wake_up(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     return str(request.param)
 
 
-def test_hand_off_to_a_waiter_that_gives_up_at_that_moment_is_never_lost(wake_up: str) -> None:
+@pytest.mark.parametrize("fair_after", [0.0, 0.001])
+def test_hand_off_to_a_waiter_that_gives_up_at_that_moment_is_never_lost(
+    wake_up: str, fair_after: float
+) -> None:
     # Timeouts as long as the hold: waiters give up just as they are served,
     # over and over. A connection handed to a waiter that then raised would
     # stay IN_USE for ever (and the pool would shrink by one each time).
-    pool = make_pool(pool_size=2, timeout=0.002)
+    # With fair_after, waiters also wake up to take connections left idle.
+    pool = make_pool(pool_size=2, timeout=0.002, fair_after=fair_after)
     stop = time.monotonic() + 3.0
     counts = {"ok": 0, "timeout": 0}
     lock = threading.Lock()
@@ -129,15 +133,17 @@ def test_hand_off_to_a_waiter_that_gives_up_at_that_moment_is_never_lost(wake_up
     for t in threads:
         t.join(30)
     assert not any(t.is_alive() for t in threads)
-    print(f"hand-off race ({wake_up}): {counts}, {pool.stats()['handoffs']} hand-offs")
+    print(f"hand-off race ({wake_up}, fair_after={fair_after}): {counts}, "
+          f"{pool.stats()['handoffs']} hand-offs")
     assert counts["ok"] > 100 and counts["timeout"] > 10  # the race really ran
     assert pool.stats()["handoffs"] > 100
     assert_consistent(pool)
     assert pool.stats()["size"] == 2
 
 
-def test_returned_connection_goes_to_the_oldest_waiter(wake_up: str) -> None:
-    pool = make_pool(pool_size=1)
+@pytest.mark.parametrize("fair_after", [0.0, 0.05])
+def test_returned_connection_goes_to_the_oldest_waiter(wake_up: str, fair_after: float) -> None:
+    pool = make_pool(pool_size=1, fair_after=fair_after)
     me = threading.current_thread()
     held = pool.checkout(FakeConnection, None, me)
     order: list[int] = []
@@ -155,12 +161,158 @@ def test_returned_connection_goes_to_the_oldest_waiter(wake_up: str) -> None:
         while len(pool._waiters) < n + 1:  # each joins the line before the next starts
             time.sleep(0.001)
     assert all((w.lock is not None) == (wake_up == "lock") for w in pool._waiters)
+    time.sleep(fair_after)  # every waiter has waited fair_after: the line is served in order
     pool.checkin(held)
     for t in threads:
         t.join(10)
     assert order == [0, 1, 2, 3, 4]
     assert pool.stats()["handoffs"] == 5
     assert_consistent(pool)
+
+
+def start_waiter(pool: ConnectionPool, got: list[tuple[Lease, float]]) -> threading.Thread:
+    """Start a thread whose checkout waits; it records what it got and when, and gives it back."""
+
+    def wait() -> None:
+        lease = pool.checkout(FakeConnection, None, threading.current_thread())
+        got.append((lease, time.monotonic()))
+        pool.checkin(lease)
+
+    waiters = len(pool._waiters)
+    thread = threading.Thread(target=wait)
+    thread.start()
+    while len(pool._waiters) == waiters:
+        time.sleep(0.001)
+    return thread
+
+
+def test_within_fair_after_a_returned_connection_stays_for_whoever_asks_first() -> None:
+    # The thread that gives a connection back and asks again at once keeps
+    # it without waking the sleeping waiter; the waiter gets it when it has
+    # waited fair_after, even though no checkin happens by then.
+    pool = make_pool(pool_size=1, fair_after=0.3)
+    me = threading.current_thread()
+    held = pool.checkout(FakeConnection, None, me)
+    got: list[tuple[Lease, float]] = []
+    joined = time.monotonic()
+    thread = start_waiter(pool, got)
+    for _ in range(50):
+        pool.checkin(held)
+        again = pool.checkout(FakeConnection, held, me)
+        assert again is held and again.source == "affinity"
+    assert not got and len(pool._waiters) == 1
+    pool.checkin(held)  # and nobody asks again: the waiter takes it at fair_after
+    thread.join(5)
+    ((lease, at),) = got
+    assert lease is held and lease.source == "handoff"
+    assert 0.3 <= at - joined < 1.0
+    stats = pool.stats()
+    assert stats["handoffs"] == 0 and stats["waits"] == 1
+    assert_consistent(pool)
+
+
+def test_a_waiter_first_in_line_while_young_is_rung_to_guard_it(wake_up: str) -> None:
+    # B joins behind A and is first once A is served: a connection given
+    # back then stays idle for whoever asks first, and B, rung once, takes
+    # it at its own fair_after, though no checkin happens by then. (Without
+    # eventfd a waiter cannot be rung: B is served at the checkin.)
+    pool = make_pool(pool_size=1, fair_after=0.3, timeout=5)
+    me = threading.current_thread()
+    held = pool.checkout(FakeConnection, None, me)
+    got_a: list[tuple[Lease, float]] = []
+    got_b: list[tuple[Lease, float]] = []
+    start_waiter(pool, got_a)
+    time.sleep(0.35)  # A is due
+    b_joined = time.monotonic()
+    b = start_waiter(pool, got_b)
+    pool.checkin(held)  # to A, who gives it back at once: B is first, and young
+    deadline = time.monotonic() + 5
+    while not got_a and time.monotonic() < deadline:
+        time.sleep(0.001)
+    if wake_up == "lock":
+        b.join(5)
+        assert pool.stats()["handoffs"] == 2
+        assert_consistent(pool)
+        return
+    while not pool._idle and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert pool._waiters[0].guard and not got_b
+    for _ in range(20):
+        again = pool.checkout(FakeConnection, held, me)
+        assert again is held
+        pool.checkin(again)
+    assert not got_b
+    b.join(5)
+    ((lease, at),) = got_b
+    assert lease is held
+    assert 0.3 <= at - b_joined < 1.0  # not at the timeout
+    stats = pool.stats()
+    assert stats["handoffs"] == 1 and stats["waits"] == 2
+    assert_consistent(pool)
+
+
+def test_a_waiter_that_has_waited_fair_after_is_served_by_the_next_checkin() -> None:
+    pool = make_pool(pool_size=1, fair_after=0.05, timeout=0.2)
+    me = threading.current_thread()
+    held = pool.checkout(FakeConnection, None, me)
+    got: list[tuple[Lease, float]] = []
+    thread = start_waiter(pool, got)
+    time.sleep(0.1)
+    pool.checkin(held)  # the waiter is due: it is handed the connection, not left idle
+    assert pool.stats()["handoffs"] == 1 and not pool._idle
+    thread.join(5)
+    assert [lease for lease, _ in got] == [held]
+    assert_consistent(pool)
+
+
+def test_fair_after_zero_serves_the_line_at_every_checkin() -> None:
+    pool = make_pool(pool_size=1, fair_after=0)
+    me = threading.current_thread()
+    held = pool.checkout(FakeConnection, None, me)
+    got: list[tuple[Lease, float]] = []
+    thread = start_waiter(pool, got)
+    pool.checkin(held)  # at once: the waiter has it, asking again finds nothing idle
+    assert pool.stats()["handoffs"] == 1 and not pool._idle
+    thread.join(5)
+    assert [lease for lease, _ in got] == [held]
+    assert_consistent(pool)
+
+
+def test_fair_after_saves_the_wake_up_under_contention(wake_up: str) -> None:
+    # More threads than connections, each asking again at once: with
+    # fair_after most connections go straight back to the thread that
+    # returned them; without it nearly every checkout waits to be handed one.
+    # Without eventfd (not Linux) a waiter cannot be rung to guard the line:
+    # every checkin serves it, as with fair_after=0.
+    def run(fair_after: float) -> dict[str, int]:
+        pool = make_pool(pool_size=2, fair_after=fair_after)
+        stop = time.monotonic() + 1.0
+
+        def borrower() -> None:
+            me = threading.current_thread()
+            last = None
+            while time.monotonic() < stop:
+                last = pool.checkout(FakeConnection, last, me)
+                time.sleep(0.0005)  # the query: the GIL is free meanwhile
+                pool.checkin(last)
+
+        threads = [threading.Thread(target=borrower) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not any(t.is_alive() for t in threads)
+        assert_consistent(pool)
+        stats = pool.stats()
+        return {"checkouts": stats["checkouts"], "handoffs": stats["handoffs"]}
+
+    strict, barging = run(0.0), run(0.01)
+    print(f"contention ({wake_up}): fair_after=0 {strict}, fair_after=0.01 {barging}")
+    assert strict["handoffs"] > strict["checkouts"] // 2
+    if wake_up == "eventfd":
+        assert barging["handoffs"] < barging["checkouts"] // 4
+    else:
+        assert barging["handoffs"] > barging["checkouts"] // 2
 
 
 def test_a_thread_gets_its_own_connection_back_before_older_idle_ones() -> None:

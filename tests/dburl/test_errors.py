@@ -16,7 +16,7 @@ NOT_A_URL = (
     "and any of : / @ ? # % in the user name or password is percent-encoded "
     "(urllib.parse.quote(password, safe=''))."
 )
-OPTIONS = "Valid options: leak_timeout, lease, max_idle, max_overflow, pool_size, pre_ping, recycle, reset, timeout, use_lifo."
+OPTIONS = "Valid options: fair_after, leak_timeout, lease, max_idle, max_overflow, pool_size, pre_ping, recycle, reset, timeout, use_lifo."
 
 
 def error_of(call, *args, **kwargs) -> str:

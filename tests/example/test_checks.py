@@ -98,8 +98,8 @@ def test_invalid_pool_options_are_reported_by_check(pooled_alias) -> None:
     assert pool_checks.check_budget_against_setting() == [
         checks.Error(
             "DATABASES['pooled']['POOL_OPTIONS']: unknown pool option 'poolsize' (did you mean "
-            "'pool_size'?). Valid options: leak_timeout, lease, max_idle, max_overflow, pool_size, "
-            "pre_ping, recycle, reset, timeout, use_lifo.",
+            "'pool_size'?). Valid options: fair_after, leak_timeout, lease, max_idle, "
+            "max_overflow, pool_size, pre_ping, recycle, reset, timeout, use_lifo.",
             hint=f"Fix the pool options. See {DOCS_URL}reference/options.html",
             id="postgrespool.E005",
         )

@@ -55,7 +55,7 @@ REQUIREMENTS = [
 REQUIREMENTS_DJ14 = ["Django==1.4.22", *REQUIREMENTS[2:]]
 PATHS = [ROOT / "packages" / "backend" / "src", ROOT / "packages" / "south_adapter" / "src"]
 DATABASE = "postgrespool_legacy"
-VALID = "leak_timeout, lease, max_idle, max_overflow, pool_size, pre_ping, recycle, reset, timeout, use_lifo"
+VALID = "fair_after, leak_timeout, lease, max_idle, max_overflow, pool_size, pre_ping, recycle, reset, timeout, use_lifo"
 DOCS = "https://django-postgrespool.readthedocs.io/en/latest/"
 
 
@@ -340,8 +340,14 @@ def test_options_the_legacy_backend_lacks_are_refused_unless_none(lane: Lane) ->
         "is not available on Python 2.7 with Django 1.4-1.6 (the legacy backend); remove "
         f"it, or set it to 'request'. See {DOCS}guide/south.html"
     ) in done.stderr, done.stderr
+    done = lane.manage("pool_probe", ok=False, LEGACY_POOL_OPTIONS='{"fair_after": 0}')
+    assert (
+        "ImproperlyConfigured: DATABASES['default']['POOL_OPTIONS']: pool option 'fair_after' "
+        "is not available on Python 2.7 with Django 1.4-1.6 (the legacy backend); remove "
+        f"it, or set it to 0.01. See {DOCS}guide/south.html"
+    ) in done.stderr, done.stderr
     off = ('{"pool_size": 2, "max_overflow": 1, "timeout": 1, "max_idle": null, '
-           '"leak_timeout": null, "lease": "request"}')
+           '"leak_timeout": null, "lease": "request", "fair_after": 0.01}')
     assert lane.manage("pool_probe", LEGACY_POOL_OPTIONS=off).returncode == 0
 
 

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.reliability
 
 Q = quote(PASSWORD, safe="")
 NAN, INF = float("nan"), float("inf")
-VALID = "leak_timeout, lease, max_idle, max_overflow, pool_size, pre_ping, recycle, reset, timeout, use_lifo"
+VALID = "fair_after, leak_timeout, lease, max_idle, max_overflow, pool_size, pre_ping, recycle, reset, timeout, use_lifo"
 MUST = {
     "pool_size": "an integer >= 1",
     "max_overflow": "an integer >= 0",

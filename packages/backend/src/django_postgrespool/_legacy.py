@@ -4,7 +4,8 @@
 ``base.py`` loads this module instead of ``backend.py`` on Python 2; the
 modern code never imports it. It keeps the modern backend's contract in
 Python 2 syntax: the same options and error messages (``_rules.py``, shared
-with ``options.py``; ``max_idle`` and ``leak_timeout`` are refused here), a
+with ``options.py``; ``max_idle``, ``leak_timeout``, ``lease`` and ``fair_after`` are
+refused here unless they have their defaults), a
 QueuePool of SQLAlchemy 1.3/1.4 with a cap and a timeout, a rollback (or
 DISCARD ALL) when a connection is returned, and a health check at checkout.
 
@@ -61,7 +62,7 @@ POOL_OPTION_NAMES = _rules.NAMES
 normalize_pool_options = _rules.normalize
 _r = _rules._r
 # Options this backend does not implement: refused unless they have their default.
-_UNAVAILABLE = ("lease", "leak_timeout", "max_idle")
+_UNAVAILABLE = ("fair_after", "lease", "leak_timeout", "max_idle")
 
 
 def resolve_pool_options(alias, settings_dict):

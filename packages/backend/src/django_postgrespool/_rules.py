@@ -49,6 +49,7 @@ DEFAULTS = {
     "max_idle": None,
     "leak_timeout": None,
     "lease": "request",
+    "fair_after": 0.01,
 }  # type: dict[str, Any]
 NAMES = tuple(sorted(DEFAULTS))
 
@@ -117,6 +118,24 @@ def _seconds(value):
         raise Invalid(expected)
     number = float(value)
     if math.isinf(number) or math.isnan(number) or number <= 0:
+        raise Invalid(expected)
+    return number
+
+
+def _fair_after(value):
+    # type: (object) -> float
+    expected = "a number of seconds >= 0 (0: first come, first served)"
+    if isinstance(value, bool):
+        raise Invalid(expected)
+    if isinstance(value, _text):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise Invalid(expected)
+    if not isinstance(value, _integer + (float,)):
+        raise Invalid(expected)
+    number = float(value)
+    if math.isinf(number) or math.isnan(number) or number < 0:
         raise Invalid(expected)
     return number
 
@@ -198,6 +217,7 @@ NORMALIZERS = {
     "max_idle": _optional_seconds,
     "leak_timeout": _optional_seconds,
     "lease": _lease,
+    "fair_after": _fair_after,
 }  # type: dict[str, Callable[[object], Any]]
 assert set(NORMALIZERS) == set(DEFAULTS)
 

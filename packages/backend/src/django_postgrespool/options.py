@@ -43,6 +43,7 @@ class PoolOptions:
     max_idle: float | None = _D["max_idle"]
     leak_timeout: float | None = _D["leak_timeout"]
     lease: LeaseMode = _D["lease"]
+    fair_after: float = _D["fair_after"]
 
     @property
     def max_connections(self) -> int:

@@ -76,6 +76,9 @@ TIME_BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0,
 WAIT_WARNING_INTERVAL = 10.0
 # A waiting checkout looks for connections of ended threads this often.
 _RECLAIM_INTERVAL = 0.25
+# A waiter wakes this long after fair_after, once a checkin has had the
+# chance to serve it, to take a connection left idle meanwhile.
+_FAIR_SLACK = 0.0005
 # Reconnect backoff: the first pause after a failed connection attempt, and
 # the longest (a server that is back serves within this of accepting).
 _BACKOFF_FIRST = 0.1
@@ -304,9 +307,11 @@ _HAS_EVENTFD = hasattr(os, "eventfd")
 class _Waiter:
     """A checkout waiting at the cap, woken by a hand-off."""
 
-    __slots__ = ("bell", "lease", "lock", "served")
+    __slots__ = ("bell", "guard", "lease", "lock", "served", "since")
 
     def __init__(self) -> None:
+        self.since = 0.0  # when it joined the line
+        self.guard = False  # it guards the line: it wakes up at fair_after (see _due)
         self.served = False  # written under the pool's lock, before the wake-up
         self.lease: Lease | None = None  # None when served: room for a new connection
         self.bell = self.lock = None
@@ -381,6 +386,7 @@ class ConnectionPool:
         self.retired = False
         self._pre_ping = options.pre_ping
         self._lifo = options.use_lifo
+        self._fair_after = options.fair_after
         # Read on every checkout and checkin: plain attributes, not the options'.
         self._pool_size = options.pool_size
         self._max_idle = options.max_idle
@@ -670,33 +676,80 @@ class ConnectionPool:
             lease = self._take_idle()
             if lease is not None:
                 return lease
+            waiter.since = time.monotonic()
+            # Within fair_after of joining, the first in line lets a connection
+            # given back stay idle for whoever asks first (see _due), and
+            # wakes up at fair_after to take one left idle. It guards the
+            # line from the start when it found it empty; one that becomes
+            # first while still young is rung once to start guarding (see
+            # _serve_from_idle). A waiter that is first only when it has
+            # waited fair_after is served at every checkin and needs no
+            # wake-up of its own: in a long line, that would be one per wait.
+            waiter.guard = bool(self._fair_after) and waiter.bell is not None and not self._waiters
             self._waiters.append(waiter)
         self._note_wait()
+        fair_checked = False  # it looked for a connection left idle at fair_after
+        to_wake: list[_Waiter]
         while True:
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            remaining = deadline - now
             reclaimed = None
             if remaining > 0:
-                if waiter.sleep(min(remaining, _RECLAIM_INTERVAL)):
+                nap = min(remaining, _RECLAIM_INTERVAL)
+                if waiter.guard and not fair_checked:
+                    nap = min(nap, max(waiter.since + self._fair_after - now, 0.0) + _FAIR_SLACK)
+                if waiter.sleep(nap):
                     return waiter.lease
+                # Not served: the nap is over, or a ring told it to guard the line.
+                if (
+                    waiter.guard
+                    and not fair_checked
+                    and time.monotonic() >= waiter.since + self._fair_after
+                ):
+                    fair_checked = True
+                    if self._idle:
+                        lease, to_wake = None, []
+                        with self._lock:
+                            if not waiter.served:
+                                lease = self._take_idle()
+                                if lease is not None:
+                                    self._waiters.remove(waiter)
+                                    to_wake = self._serve_from_idle()
+                        for other in to_wake:
+                            other.wake()
+                        if lease is not None:
+                            return lease
+                        if waiter.served:
+                            return waiter.lease
                 # Still waiting: a borrower's thread may have ended meanwhile,
                 # or (belt and braces) room may have appeared unannounced.
                 reclaimed = self._reclaim_dead()
                 if reclaimed is None and not self._has_room():
                     continue
+            to_wake = []
+            timed_out = False
             with self._lock:
                 if waiter.served:  # handed over as we gave up: take it
                     lease = waiter.lease
                 else:
                     self._waiters.remove(waiter)
-                    if reclaimed is not None or remaining > 0:
-                        return reclaimed  # None: room to open a connection
-                    self._timeouts += 1
-                    raise self._timeout_error()
+                    lease = None
+                    if reclaimed is None and remaining <= 0:
+                        lease = self._take_idle()  # left idle within fair_after
+                        timed_out = lease is None
+                        if timed_out:
+                            self._timeouts += 1
+                    # Whoever is first now may be due, or need to guard the line.
+                    to_wake = self._serve_from_idle()
+            for other in to_wake:
+                other.wake()
+            if timed_out:
+                raise self._timeout_error()
             if reclaimed is not None:  # served twice: keep one, give the other back
                 if lease is None:
                     return reclaimed
                 self._give_back(reclaimed)
-            return lease
+            return lease  # None: room to open a connection
 
     def _timeout_error(self) -> PoolTimeout:
         return PoolTimeout(
@@ -812,26 +865,66 @@ class ConnectionPool:
         """Hand ``lease`` to the oldest waiter, or make it idle."""
         lease.owner = None
         if self._waiters:
+            served: list[_Waiter] = []
             with self._lock:
-                waiter = self._hand_over(lease) if self._waiters else None
+                waiter = self._hand_over(lease) if self._due() else None
+                if waiter is not None and self._idle:  # left idle while it guarded the line
+                    served = self._serve_from_idle()
             if waiter is not None:
                 waiter.wake()  # outside the lock: the woken one may need it
+                for other in served:
+                    other.wake()
                 return
         lease.state = IDLE
         self._idle[lease] = True
         # A checkout may have started waiting between our look and the line
         # above: it looked at _idle after joining the line, so one of us sees
-        # the other.
+        # the other (or, within fair_after, it takes one when it wakes up).
         if self._waiters:
-            served = []
             with self._lock:
-                while self._waiters:
-                    other = self._take_idle()
-                    if other is None:
-                        break
-                    served.append(self._hand_over(other))
+                served = self._serve_from_idle()
             for waiter in served:
                 waiter.wake()
+
+    def _serve_from_idle(self) -> list[_Waiter]:
+        """Hand idle connections to the waiters that are due (under the lock).
+
+        Return the waiters to wake once the lock is released: those served,
+        and a first in line that is not due yet and must start guarding the
+        line (it wakes up at fair_after to take a connection left idle).
+        """
+        to_wake: list[_Waiter] = []
+        while self._due():
+            other = self._take_idle()
+            if other is None:
+                return to_wake
+            to_wake.append(self._hand_over(other))
+        if self._waiters and self._idle:
+            head = self._waiters[0]
+            if not head.guard:  # rung once: it sleeps until its fair_after
+                head.guard = True
+                to_wake.append(head)
+        return to_wake
+
+    def _due(self) -> bool:
+        """Tell whether a connection given back now goes to the line (under the lock).
+
+        Not while the first in line has waited less than fair_after: the
+        connection stays idle, and the thread that gave it back usually asks
+        again first. Waking a sleeping thread costs more CPU time than a
+        request's whole borrowing; with more threads than connections it
+        would happen at every request. A waiter without an eventfd bell
+        (not Linux) is always due: it could not be rung to guard the line.
+        """
+        waiters = self._waiters
+        if not waiters:
+            return False
+        head = waiters[0]
+        return (
+            not self._fair_after
+            or head.bell is None
+            or time.monotonic() - head.since >= self._fair_after
+        )
 
     def _hand_over(self, lease: Lease | None) -> _Waiter:
         # Under self._lock: the waiter accepts before it can give up; the
@@ -923,8 +1016,11 @@ class ConnectionPool:
                 self._leases.discard(gone)
             self._room += 1
             waiter = self._hand_over(None) if self._waiters else None
+            served = self._serve_from_idle() if waiter is not None and self._idle else []
         if waiter is not None:
             waiter.wake()
+        for other in served:
+            other.wake()
 
     def sweep_idle(self, now: float | None = None) -> None:
         """Close connections beyond ``pool_size`` that stayed idle for ``max_idle``."""

@@ -83,6 +83,7 @@ class PoolArgs(TypedDict, total=False):
     max_idle: float | str | None
     leak_timeout: float | str | None
     lease: str
+    fair_after: float | str
 
 
 class _DjArgs(TypedDict):
