@@ -344,10 +344,10 @@ def test_options_the_legacy_backend_lacks_are_refused_unless_none(lane: Lane) ->
     assert (
         "ImproperlyConfigured: DATABASES['default']['POOL_OPTIONS']: pool option 'fair_after' "
         "is not available on Python 2.7 with Django 1.4-1.6 (the legacy backend); remove "
-        f"it, or set it to 0.01. See {DOCS}guide/south.html"
+        f"it, or set it to 0.03. See {DOCS}guide/south.html"
     ) in done.stderr, done.stderr
     off = ('{"pool_size": 2, "max_overflow": 1, "timeout": 1, "max_idle": null, '
-           '"leak_timeout": null, "lease": "request", "fair_after": 0.01}')
+           '"leak_timeout": null, "lease": "request", "fair_after": 0.03}')
     assert lane.manage("pool_probe", LEGACY_POOL_OPTIONS=off).returncode == 0
 
 

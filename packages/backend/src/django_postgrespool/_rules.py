@@ -49,7 +49,7 @@ DEFAULTS = {
     "max_idle": None,
     "leak_timeout": None,
     "lease": "request",
-    "fair_after": 0.01,
+    "fair_after": 0.03,
 }  # type: dict[str, Any]
 NAMES = tuple(sorted(DEFAULTS))
 
