@@ -170,12 +170,17 @@ def test_returned_connection_goes_to_the_oldest_waiter(wake_up: str, fair_after:
     assert_consistent(pool)
 
 
-def start_waiter(pool: ConnectionPool, got: list[tuple[Lease, float]]) -> threading.Thread:
-    """Start a thread whose checkout waits; it records what it got and when, and gives it back."""
+def start_waiter(
+    pool: ConnectionPool, got: list[tuple[Lease, float]], hold: threading.Event | None = None
+) -> threading.Thread:
+    """Start a thread whose checkout waits; it records what it got and when, and gives it back
+    (once ``hold`` is set, if given: until then the test may look at the pool)."""
 
     def wait() -> None:
         lease = pool.checkout(FakeConnection, None, threading.current_thread())
         got.append((lease, time.monotonic()))
+        if hold is not None:
+            hold.wait(5)
         pool.checkin(lease)
 
     waiters = len(pool._waiters)
@@ -256,10 +261,12 @@ def test_a_waiter_that_has_waited_fair_after_is_served_by_the_next_checkin() -> 
     me = threading.current_thread()
     held = pool.checkout(FakeConnection, None, me)
     got: list[tuple[Lease, float]] = []
-    thread = start_waiter(pool, got)
+    hold = threading.Event()  # the waiter keeps it until the pool has been looked at
+    thread = start_waiter(pool, got, hold)
     time.sleep(0.1)
     pool.checkin(held)  # the waiter is due: it is handed the connection, not left idle
     assert pool.stats()["handoffs"] == 1 and not pool._idle
+    hold.set()
     thread.join(5)
     assert [lease for lease, _ in got] == [held]
     assert_consistent(pool)
@@ -270,9 +277,11 @@ def test_fair_after_zero_serves_the_line_at_every_checkin() -> None:
     me = threading.current_thread()
     held = pool.checkout(FakeConnection, None, me)
     got: list[tuple[Lease, float]] = []
-    thread = start_waiter(pool, got)
+    hold = threading.Event()  # the waiter keeps it until the pool has been looked at
+    thread = start_waiter(pool, got, hold)
     pool.checkin(held)  # at once: the waiter has it, asking again finds nothing idle
     assert pool.stats()["handoffs"] == 1 and not pool._idle
+    hold.set()
     thread.join(5)
     assert [lease for lease, _ in got] == [held]
     assert_consistent(pool)
