@@ -287,6 +287,26 @@ def test_fair_after_zero_serves_the_line_at_every_checkin() -> None:
     assert_consistent(pool)
 
 
+def test_overflow_left_idle_for_a_young_waiter_is_closed_when_the_load_drops() -> None:
+    # Within fair_after, connections given back stay idle for whoever asks
+    # first, even beyond pool_size while someone waits. When the load drops
+    # (the waiter takes one and gives it back, nobody else asks), the last
+    # checkin closes every connection beyond pool_size, not only its own.
+    pool = make_pool(pool_size=1, max_overflow=2, fair_after=0.2)
+    me = threading.current_thread()
+    held = [pool.checkout(FakeConnection, None, me) for _ in range(3)]
+    got: list[tuple[Lease, float]] = []
+    thread = start_waiter(pool, got)
+    for lease in held:
+        pool.checkin(lease)
+    if pool_module._HAS_EVENTFD:  # it guards the line: all three stayed idle
+        assert pool.stats()["handoffs"] == 0 and len(pool._idle) == 3
+    thread.join(5)
+    assert [lease for lease, _ in got] and got[0][0] in held
+    assert len(pool._leases) == 1 == pool.options.pool_size
+    assert_consistent(pool)
+
+
 def test_fair_after_saves_the_wake_up_under_contention(wake_up: str) -> None:
     # More threads than connections, each asking again at once: with
     # fair_after most connections go straight back to the thread that

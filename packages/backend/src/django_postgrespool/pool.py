@@ -836,6 +836,7 @@ class ConnectionPool:
         ):
             # Beyond pool_size, with nobody waiting: close it (QueuePool's way).
             self._retire(lease, None, warn=False)
+            self._trim_overflow()
             return
         self._give_back(lease)
         if self._max_idle is not None and now >= self._next_sweep:
@@ -850,6 +851,23 @@ class ConnectionPool:
                 self._leases.discard(lease)
                 return True
         return False
+
+    def _trim_overflow(self) -> None:
+        """Close the connections beyond ``pool_size`` left idle while others waited.
+
+        Within fair_after a connection given back stays idle for whoever asks
+        first; when the load drops, nobody may: the last checkin with nobody
+        waiting closes them, as it closes its own.
+        """
+        while len(self._leases) > self._pool_size and self._idle and not self._waiters:
+            lease = self._take_idle()
+            if lease is None:
+                return
+            if self._surplus(lease):
+                self._retire(lease, None, warn=False)
+            else:  # someone started waiting meanwhile
+                self._give_back(lease)
+                return
 
     def discard(self, lease: Lease, reason: str) -> None:
         """Close the connection of ``lease`` instead of lending it again."""
