@@ -37,6 +37,7 @@ from __future__ import annotations
 import bisect
 import functools
 import logging
+import math
 import operator
 import os
 import random
@@ -836,7 +837,9 @@ class ConnectionPool:
         ):
             # Beyond pool_size, with nobody waiting: close it (QueuePool's way).
             self._retire(lease, None, warn=False)
-            self._trim_overflow()
+            # Others given back beyond pool_size within fair_after, while
+            # someone waited, may be idle still: nobody would close them.
+            self._close_idle_surplus()
             return
         self._give_back(lease)
         if self._max_idle is not None and now >= self._next_sweep:
@@ -852,17 +855,13 @@ class ConnectionPool:
                 return True
         return False
 
-    def _trim_overflow(self) -> None:
-        """Close the connections beyond ``pool_size`` left idle while others waited.
-
-        Within fair_after a connection given back stays idle for whoever asks
-        first; when the load drops, nobody may: the last checkin with nobody
-        waiting closes them, as it closes its own.
-        """
-        while len(self._leases) > self._pool_size and self._idle and not self._waiters:
+    def _close_idle_surplus(self, most: float = math.inf) -> None:
+        """Close up to ``most`` idle connections beyond ``pool_size`` while nobody waits."""
+        while most > 0 and len(self._leases) > self._pool_size and not self._waiters:
             lease = self._take_idle()
             if lease is None:
                 return
+            most -= 1
             if self._surplus(lease):
                 self._retire(lease, None, warn=False)
             else:  # someone started waiting meanwhile
@@ -1050,16 +1049,7 @@ class ConnectionPool:
             return
         self._next_sweep = now + max_idle
         spare, self._idle_low = self._idle_low, len(self._idle)
-        while spare > 0 and len(self._leases) > self.options.pool_size:
-            lease = self._take_idle()
-            if lease is None:
-                break
-            spare -= 1
-            if self._surplus(lease):
-                self._retire(lease, None, warn=False)
-            else:
-                self._give_back(lease)
-                break
+        self._close_idle_surplus(spare)
 
     def check_leaks(self, now: float | None = None) -> None:
         """Warn once about each connection checked out longer than ``leak_timeout``."""
