@@ -72,3 +72,69 @@ def test_report_of_a_pool_timeout_shows_no_password(pooled_alias):
     assert PASSWORD not in emailed
     assert len(ours) >= 3
     assert not [f for f in ours if PASSWORD in f]
+
+
+def test_report_of_invalid_pool_options_shows_no_password(pooled_alias):
+    # Raised while the pool is built, under the frames that pick the pool by
+    # the alias's settings (the password among them).
+    from django.core.exceptions import ImproperlyConfigured
+
+    alias, _ = pooled_alias(pool_options={"pool_size": -1})
+    emailed, ours = report_of(alias, ImproperlyConfigured)
+    assert "pool_size" in emailed
+    assert "_current_pool" in emailed
+    assert PASSWORD not in emailed
+    assert len(ours) >= 3
+    assert not [f for f in ours if PASSWORD in f]
+
+
+def test_report_of_a_password_in_options_shows_it_nowhere(pooled_alias):
+    # libpq takes the password from OPTIONS too; the pool's key holds OPTIONS.
+    from django.core.exceptions import ImproperlyConfigured
+
+    alias, _ = pooled_alias(
+        pool_options={"pool_size": -1}, PASSWORD="", options={"password": PASSWORD}
+    )
+    emailed, ours = report_of(alias, ImproperlyConfigured)
+    assert "_current_pool" in emailed
+    assert PASSWORD not in emailed
+    assert not [f for f in ours if PASSWORD in f]
+
+
+def test_report_of_django_own_pool_turned_on_shows_no_password(pooled_alias):
+    from django.core.exceptions import ImproperlyConfigured
+
+    alias, _ = pooled_alias(options={"pool": True})
+    emailed, ours = report_of(alias, ImproperlyConfigured)
+    assert "get_connection_params" in emailed
+    assert PASSWORD not in emailed
+    assert len(ours) >= 3
+    assert not [f for f in ours if PASSWORD in f]
+
+
+def test_report_of_a_failing_connection_created_receiver_shows_no_password(pooled_alias):
+    # Sent at every checkout, a connection reused included: the receiver's
+    # error is raised through the frames that lend the connection.
+    from django.db import connections
+    from django.db.backends.signals import connection_created
+
+    class ReceiverFailed(Exception):
+        pass
+
+    alias, _ = pooled_alias()
+    connections[alias].ensure_connection()
+    connections[alias].close()  # idle in the pool, set up: the next checkout reuses it
+
+    def fail(sender, connection, **kwargs):
+        if connection.alias == alias:
+            raise ReceiverFailed("refused")
+
+    connection_created.connect(fail)
+    try:
+        emailed, ours = report_of(alias, ReceiverFailed)
+    finally:
+        connection_created.disconnect(fail)
+        connections[alias].close()
+    assert "_borrow" in emailed
+    assert PASSWORD not in emailed
+    assert not [f for f in ours if PASSWORD in f]

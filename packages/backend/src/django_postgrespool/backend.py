@@ -25,7 +25,11 @@ from django.views.decorators.debug import sensitive_variables
 
 from django_postgrespool import metrics, registry
 from django_postgrespool.errors import PoolError
-from django_postgrespool.options import POOL_OPTION_NAMES, resolve_pool_options
+from django_postgrespool.options import (
+    POOL_OPTION_NAMES,
+    resolve_pool_options,
+    split_pool_options,
+)
 from django_postgrespool.pool import _IDLE, ConnectionPool, Lease, Target
 
 __all__ = [
@@ -60,6 +64,15 @@ def _freeze(value: Any) -> Hashable:
 
 def _copy(value: Any) -> Any:
     return dict(value) if isinstance(value, dict) else value
+
+
+class _SettingsKey(tuple):  # type: ignore[type-arg]
+    """An alias's settings that key its pool: a tuple, shown without them (the password is one)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<settings of a pooled alias>"
 
 
 class DatabaseCreation(PostgreSQLCreation):
@@ -120,14 +133,15 @@ class PooledDatabaseWrapperMixin:
     pool = None
 
     def get_connection_params(self) -> dict[str, Any]:
-        settings_dict = self.settings_dict  # type: ignore[attr-defined]
-        if settings_dict["OPTIONS"].get("pool"):
+        # No local holds the settings (nor, until nothing can raise, the
+        # parameters): Django's DEBUG page shows every local of every frame.
+        if self.settings_dict["OPTIONS"].get("pool"):  # type: ignore[attr-defined]
             alias = self.alias  # type: ignore[attr-defined]
             raise ImproperlyConfigured(
                 f"DATABASES[{alias!r}]['OPTIONS']['pool'] turns on Django's own "
                 f"connection pool, which cannot be combined with ENGINE "
-                f"{settings_dict['ENGINE']!r}. Remove it and put the pool's settings "
-                f"in DATABASES[{alias!r}]['POOL_OPTIONS']."
+                f"{self.settings_dict['ENGINE']!r}. Remove it and put the pool's "  # type: ignore[attr-defined]
+                f"settings in DATABASES[{alias!r}]['POOL_OPTIONS']."
             )
         params: dict[str, Any] = super().get_connection_params()  # type: ignore[misc]
         for name in POOL_OPTION_NAMES:
@@ -161,7 +175,7 @@ class PooledDatabaseWrapperMixin:
             None if self._thread_sharing_count else current_thread(),  # type: ignore[attr-defined]
         )
         self._lease = self._last_lease = lease
-        self._per_transaction = pool.options.lease == "transaction"
+        self._per_transaction = pool.per_transaction
         self._checkout = (lease.source, lease.wait, lease.borrowed_at)
         self._checkout_returned_at = None
         if lease.configured:
@@ -169,16 +183,17 @@ class PooledDatabaseWrapperMixin:
             self.savepoint_ids: list[str] = []
             self.atomic_blocks: list[Any] = []
             self.needs_rollback = False
-            settings_dict = self.settings_dict  # type: ignore[attr-defined]
-            self.health_check_enabled = settings_dict["CONN_HEALTH_CHECKS"]
-            max_age = settings_dict["CONN_MAX_AGE"]
-            self.close_at = None if max_age is None else time.monotonic() + max_age
+            # Not bound to a local (a connection_created receiver may raise,
+            # and Django's DEBUG page shows every local): they hold the password.
+            self.health_check_enabled = self.settings_dict["CONN_HEALTH_CHECKS"]  # type: ignore[attr-defined]
+            max_age = self.settings_dict["CONN_MAX_AGE"]  # type: ignore[attr-defined]
+            self.close_at = None if max_age is None else lease.borrowed_at + max_age
             self.closed_in_transaction = False
             self.errors_occurred = False
             self.health_check_done = True
             self.connection = lease.raw
             self.isolation_level = lease.isolation_level
-            self.autocommit = settings_dict["AUTOCOMMIT"]
+            self.autocommit = self.settings_dict["AUTOCOMMIT"]  # type: ignore[attr-defined]
             # As Django sends it at every connect(): receivers see each checkout.
             if connection_created.receivers:
                 connection_created.send(sender=self.__class__, connection=self)
@@ -287,7 +302,7 @@ class PooledDatabaseWrapperMixin:
             # else: already returned; self.connection is the pool's now.
             return
         self._lease = None
-        self._checkout_returned_at = time.monotonic()
+        self._checkout_returned_at = now = time.monotonic()
         if self.in_atomic_block:  # type: ignore[attr-defined]
             # Django keeps self.connection after a close inside an atomic
             # block (closed_in_transaction); it must not be lent to anyone.
@@ -296,7 +311,7 @@ class PooledDatabaseWrapperMixin:
         if self._discard_reason is not None:
             lease.pool.discard(lease, self._discard_reason)
         else:
-            lease.pool.checkin(lease)  # raises nothing: a failed reset discards
+            lease.pool.checkin(lease, now)  # raises nothing: a failed reset discards
         # Lent to the next borrower from now on (Django's close() clears it
         # too, but _close() may be called alone).
         self.connection = None
@@ -309,6 +324,9 @@ class PooledDatabaseWrapperMixin:
         return bool(super().is_usable())  # type: ignore[misc]
 
     def close_if_health_check_failed(self) -> None:
+        # Called before every cursor: Django's own test first, at no more cost.
+        if self.connection is None or not self.health_check_enabled or self.health_check_done:  # type: ignore[attr-defined]
+            return
         # A connection that fails Django's health check (CONN_HEALTH_CHECKS)
         # is closed for real, not returned to the pool.
         self._discard_reason = "it failed Django's health check (CONN_HEALTH_CHECKS)"
@@ -360,17 +378,23 @@ class PooledDatabaseWrapperMixin:
         pool = self._pool
         settings_key = self._settings_key()
         if pool is None or pool.closed or settings_key != self._pool_key_cached:
+            # From here on, an error (invalid POOL_OPTIONS) puts this frame
+            # and the registry's in Django's error report: the key they hold
+            # must not show the password.
+            settings_key = _SettingsKey(settings_key)
             key = (type(self), self.alias, settings_key)  # type: ignore[attr-defined]
             pool = registry.get_pool(key, self._build_pool)
             self._pool, self._pool_key_cached = pool, settings_key
         return pool
 
-    def _settings_key(self) -> Hashable:
+    def _settings_key(self) -> tuple[Any, ...]:
         # Everything a physical connection depends on, checked at every
         # connect (an alias's NAME may be switched in place): conn_params
         # derive from these, the session's time zone from timezone_name
         # (which follows TIME_ZONE and USE_TZ). OPTIONS is frozen again only
-        # when it changed.
+        # when it changed. timezone_name first: it may raise, and the
+        # settings (with the password) are not a local of this frame yet.
+        timezone_name = self.timezone_name  # type: ignore[attr-defined]
         sd = self.settings_dict  # type: ignore[attr-defined]
         options, pool_options = sd["OPTIONS"], sd.get("POOL_OPTIONS")
         cached = self._options_key
@@ -385,7 +409,7 @@ class PooledDatabaseWrapperMixin:
             sd["PORT"],
             sd["AUTOCOMMIT"],
             cached[2],
-            self.timezone_name,  # type: ignore[attr-defined]
+            timezone_name,
         )
 
     @sensitive_variables()
@@ -394,26 +418,36 @@ class PooledDatabaseWrapperMixin:
         # INSTALLED_APPS too (once per process; nothing without the extras).
         metrics.register_exporters()
         alias: str = self.alias  # type: ignore[attr-defined]
-        settings_dict = self.settings_dict  # type: ignore[attr-defined]
+        # Read where they are, not bound to a local: Django's DEBUG page shows
+        # every local of every frame (sensitive_variables hides them from
+        # the emailed report only), and reading the options may raise.
         options = resolve_pool_options(
-            alias, settings_dict, getattr(settings, "DATABASE_POOL_ARGS", None)
+            alias, self._pool_settings(), getattr(settings, "DATABASE_POOL_ARGS", None)
         )
         target = Target(
-            database=str(settings_dict["NAME"] or "postgres"),
-            host=str(settings_dict["HOST"] or "(default)"),
-            port=str(settings_dict["PORT"] or "5432"),
-            user=str(settings_dict["USER"] or "(default)"),
+            database=str(self.settings_dict["NAME"] or "postgres"),  # type: ignore[attr-defined]
+            host=str(self.settings_dict["HOST"] or "(default)"),  # type: ignore[attr-defined]
+            port=str(self.settings_dict["PORT"] or "5432"),  # type: ignore[attr-defined]
+            user=str(self.settings_dict["USER"] or "(default)"),  # type: ignore[attr-defined]
         )
-        attrs = str(settings_dict["OPTIONS"].get("target_session_attrs", "")).lower()
+        attrs = str(self.settings_dict["OPTIONS"].get("target_session_attrs", "")).lower()  # type: ignore[attr-defined]
         return ConnectionPool(
             alias,
             options,
             target,
-            autocommit=settings_dict["AUTOCOMMIT"],
+            autocommit=self.settings_dict["AUTOCOMMIT"],  # type: ignore[attr-defined]
             connect_errors=(self.Database.OperationalError,),  # type: ignore[attr-defined]
             require_primary=attrs == "primary",
             require_writable=attrs == "read-write",
         )
+
+    def _pool_settings(self) -> dict[str, Any]:
+        """The settings the pool options are read from, and nothing else (no password)."""
+        return {
+            "OPTIONS": split_pool_options(self.settings_dict["OPTIONS"])[0],  # type: ignore[attr-defined]
+            "POOL_OPTIONS": self.settings_dict.get("POOL_OPTIONS"),  # type: ignore[attr-defined]
+            "CONN_HEALTH_CHECKS": self.settings_dict.get("CONN_HEALTH_CHECKS"),  # type: ignore[attr-defined]
+        }
 
 
 class DatabaseWrapper(  # type: ignore[misc]

@@ -385,6 +385,7 @@ class ConnectionPool:
         self.pid = os.getpid()
         self.closed = False
         self.retired = False
+        self.per_transaction = options.lease == "transaction"
         self._pre_ping = options.pre_ping
         self._lifo = options.use_lifo
         self._fair_after = options.fair_after
@@ -487,14 +488,19 @@ class ConnectionPool:
             lease, source = prefer, "affinity"
         else:
             lease, source = self._take_idle(), "idle"
+        # An idle connection taken at once was not waited for: the clock is
+        # read again only after a wait, a new connection or a ping.
+        now = asked
         # Bounded: a failed health check marks every older connection as
         # suspect, so each further round either verifies one or opens one.
         for _ in self._rounds:
             if lease is None:
                 lease, source = self._checkout_slow(open_connection, asked)
-            problem = None if source == "new" else self._check(lease)
-            if problem is None:
                 now = time.monotonic()
+            problem = None if source == "new" else self._check(lease, now)
+            if problem is None:
+                if lease.verified > now:  # pinged just now: the round trip was waited for
+                    now = lease.verified
                 lease.state = IN_USE
                 lease.owner = owner
                 lease.source = source
@@ -518,6 +524,7 @@ class ConnectionPool:
             else:
                 self._suspect_before = time.monotonic()
                 self._retire(lease, problem)
+            now = time.monotonic()
             lease, source = self._take_idle(), "idle"
         raise PoolError(f"{self!r} could not find a live connection.")
 
@@ -602,7 +609,7 @@ class ConnectionPool:
         )
         lease = Lease(self, fairy, lifetime)
         if self._pre_ping == "socket":
-            lease.poller = _poller(lease.raw)
+            _poller(lease)
         with self._lock:
             self._leases.add(lease)
         self._opened += 1
@@ -778,9 +785,9 @@ class ConnectionPool:
                 waits,
             )
 
-    def _check(self, lease: Lease) -> str | None:
-        """Tell why an idle ``lease`` must not be lent, if it must not."""
-        if time.monotonic() >= lease.expires:
+    def _check(self, lease: Lease, now: float) -> str | None:
+        """Tell why an idle ``lease`` must not be lent at ``now``, if it must not."""
+        if now >= lease.expires:
             return _TOO_OLD
         mode = True if self._require_primary else self._pre_ping
         if lease.verified < self._suspect_before:
@@ -789,8 +796,10 @@ class ConnectionPool:
             mode = True
         if mode is False:
             return None
-        if mode == "socket" and not _has_pending_input(lease):
-            return None
+        if mode == "socket":
+            poller = lease.poller or _poller(lease)
+            if poller is not None and not poller.poll(0):
+                return None
         if self._ping(lease.raw):
             lease.verified = time.monotonic()
             return None
@@ -810,11 +819,15 @@ class ConnectionPool:
 
     # -- checkin ----------------------------------------------------------
 
-    def checkin(self, lease: Lease) -> None:
-        """Close the cursors of ``lease``, reset it, and lend it on or keep it idle."""
+    def checkin(self, lease: Lease, now: float | None = None) -> None:
+        """Close the cursors of ``lease``, reset it, and lend it on or keep it idle.
+
+        ``now``: the caller's time.monotonic() when it gave the connection back.
+        """
         if lease.state is not IN_USE:
             return
-        now = time.monotonic()
+        if now is None:
+            now = time.monotonic()
         self._use_hist.observe(now - lease.borrowed_at)
         if lease.leak_warned:
             logger.info(
@@ -881,17 +894,22 @@ class ConnectionPool:
     def _give_back(self, lease: Lease) -> None:
         """Hand ``lease`` to the oldest waiter, or make it idle."""
         lease.owner = None
+        to_wake: list[_Waiter]
         if self._waiters:
-            served: list[_Waiter] = []
+            # One look at the line, under the lock: the first in line is due
+            # and is handed the connection, or the connection stays idle.
             with self._lock:
-                waiter = self._hand_over(lease) if self._due() else None
-                if waiter is not None and self._idle:  # left idle while it guarded the line
-                    served = self._serve_from_idle()
-            if waiter is not None:
+                if self._due():
+                    to_wake = [self._hand_over(lease)]
+                    if self._idle:  # left idle while it guarded the line
+                        self._serve_from_idle(to_wake)
+                else:
+                    lease.state = IDLE
+                    self._idle[lease] = True
+                    to_wake = self._ring_guard([])
+            for waiter in to_wake:
                 waiter.wake()  # outside the lock: the woken one may need it
-                for other in served:
-                    other.wake()
-                return
+            return
         lease.state = IDLE
         self._idle[lease] = True
         # A checkout may have started waiting between our look and the line
@@ -899,26 +917,35 @@ class ConnectionPool:
         # the other (or, within fair_after, it takes one when it wakes up).
         if self._waiters:
             with self._lock:
-                served = self._serve_from_idle()
-            for waiter in served:
+                to_wake = self._serve_from_idle()
+            for waiter in to_wake:
                 waiter.wake()
 
-    def _serve_from_idle(self) -> list[_Waiter]:
+    def _serve_from_idle(self, to_wake: list[_Waiter] | None = None) -> list[_Waiter]:
         """Hand idle connections to the waiters that are due (under the lock).
 
-        Return the waiters to wake once the lock is released: those served,
-        and a first in line that is not due yet and must start guarding the
-        line (it wakes up at fair_after to take a connection left idle).
+        Return the waiters to wake once the lock is released (added to
+        ``to_wake``): those served, and a first in line that is not due yet
+        and must start guarding the line.
         """
-        to_wake: list[_Waiter] = []
+        if to_wake is None:
+            to_wake = []
         while self._due():
             other = self._take_idle()
             if other is None:
                 return to_wake
             to_wake.append(self._hand_over(other))
+        return self._ring_guard(to_wake)
+
+    def _ring_guard(self, to_wake: list[_Waiter]) -> list[_Waiter]:
+        """Have a young first in line guard the line while a connection is idle (under the lock).
+
+        Rung once, it sleeps until its fair_after, then takes a connection
+        left idle. Return ``to_wake``, with it added if it must be rung.
+        """
         if self._waiters and self._idle:
             head = self._waiters[0]
-            if not head.guard:  # rung once: it sleeps until its fair_after
+            if not head.guard:
                 head.guard = True
                 to_wake.append(head)
         return to_wake
@@ -1194,29 +1221,21 @@ def _alive(thread: threading.Thread) -> bool:
     return active.get(thread.ident) is thread
 
 
-def _poller(raw: Any) -> Any:
-    try:
-        fd = raw.fileno()
-    except Exception:
-        return None
-    poller = select.poll()
-    poller.register(fd, select.POLLIN | select.POLLPRI)
-    return poller
-
-
-def _has_pending_input(lease: Lease) -> bool:
-    """Tell, without a round trip, whether the server sent anything unasked.
+def _poller(lease: Lease) -> Any:
+    """Return a poll object telling, without a round trip, whether the server sent anything unasked.
 
     An idle connection has nothing to read; a backend that was terminated, a
     server that shut down or restarted, has sent an error and closed the
     socket, which makes it readable (NOTIFY payloads too: those pass the ping).
+    None if the connection has no socket left to watch (then it is pinged).
     """
-    poller = lease.poller
-    if poller is None:
-        poller = lease.poller = _poller(lease.raw)
-        if poller is None:
-            return True
-    return bool(poller.poll(0))
+    try:
+        fd = lease.raw.fileno()
+    except Exception:
+        return None
+    poller = lease.poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLPRI)
+    return poller
 
 
 def _first_line(error: BaseException) -> str:
