@@ -20,11 +20,11 @@ urlpatterns: list = []
 OUR_CODE = str(Path(django_postgrespool.__file__).parent)
 
 
-def report_of(alias: str, expected: type[BaseException]) -> tuple[str, list[str]]:
+def report_of(alias: str, expected: type[BaseException], wrapper=None) -> tuple[str, list[str]]:
     """Return the emailed report (DEBUG off), and our frames of the debug page (DEBUG on)."""
     request = RequestFactory().get("/checkout/")
     try:
-        connections[alias].ensure_connection()
+        (wrapper or connections[alias]).ensure_connection()
     except expected:
         exc_info = sys.exc_info()
     else:  # pragma: no cover - the test fails below
@@ -137,4 +137,19 @@ def test_report_of_a_failing_connection_created_receiver_shows_no_password(poole
         connections[alias].close()
     assert "_borrow" in emailed
     assert PASSWORD not in emailed
+    assert not [f for f in ours if PASSWORD in f]
+
+
+def test_report_of_a_refused_connection_outside_the_pool_shows_no_password(pooled_alias):
+    # The throwaway wrapper of _nodb_cursor() (CREATE/DROP DATABASE) opens
+    # its own connection, through get_new_connection(conn_params).
+    from django.db.backends.base.base import NO_DB_ALIAS
+
+    alias, _ = pooled_alias(HOST="127.0.0.1", PORT="1")
+    pooled = connections[alias]
+    nodb = type(pooled)({**pooled.settings_dict, "NAME": None}, alias=NO_DB_ALIAS)
+    emailed, ours = report_of(alias, Exception, wrapper=nodb)
+    # Django's own connect() is on this path, its conn_params shown by design.
+    assert "get_new_connection" in emailed
+    assert len(ours) >= 2
     assert not [f for f in ours if PASSWORD in f]

@@ -375,6 +375,17 @@ def test_django_14_requests_reuse_one_backend_pid_and_roll_back(lane: Lane) -> N
     assert (report["opened"], report["checkouts"]) == (1, 5), report
 
 
+def test_no_frame_of_ours_on_django_error_page_shows_the_password(lane: Lane) -> None:
+    done = lane.manage("error_report")
+    report = json.loads(done.stdout)
+    assert set(report) == {"bad_options", "options_password", "refused"}, report
+    for scenario, entry in report.items():
+        assert entry["ours"] >= 3, (scenario, entry)  # the page shows frames of ours
+        assert entry["leaks"] == [], (scenario, entry)
+    assert report["refused"]["error"] == "OperationalError", report
+    assert report["bad_options"]["error"] == "ImproperlyConfigured", report
+
+
 def test_password_never_appears_in_any_output(lane: Lane) -> None:
     leaks = [out for out in lane.outputs if lane.password in out]
     assert not leaks, f"{len(leaks)} outputs show the password"
@@ -395,6 +406,7 @@ TESTS: list[Callable[[Lane], None]] = [
     test_options_the_legacy_backend_lacks_are_refused_unless_none,
     test_django_test_runner_migrates_and_drops_a_pooled_test_database,
     test_django_14_requests_reuse_one_backend_pid_and_roll_back,
+    test_no_frame_of_ours_on_django_error_page_shows_the_password,
     test_password_never_appears_in_any_output,
 ]
 

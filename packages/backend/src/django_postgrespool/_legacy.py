@@ -96,6 +96,12 @@ _BORN = "django_postgrespool.born"
 _DISCARDED = "django_postgrespool.discarded"
 
 
+def _params(conn_params):
+    """Return Django's connection parameters, without the pool's options, hidden."""
+    return _rules.HiddenParams(
+        (k, v) for k, v in conn_params.items() if k not in _rules.NORMALIZERS)
+
+
 def _raw(fairy):
     # SQLAlchemy 1.4 calls it dbapi_connection; 1.3 only has .connection.
     return getattr(fairy, "dbapi_connection", None) or fairy.connection
@@ -253,9 +259,10 @@ _pools = {}
 _abandoned = []
 
 
-def _get_pool(alias, settings_dict, conn_params):
-    key = (alias, tuple(sorted((k, repr(v)) for k, v in conn_params.items())),
-           repr(sorted((settings_dict.get("POOL_OPTIONS") or {}).items())))
+def _get_pool(alias, pool_settings, params):
+    # pool_settings: _rules.pool_settings(); params: _params().
+    key = _rules.HiddenKey((alias, tuple(sorted((k, repr(v)) for k, v in params.items())),
+                repr(sorted((pool_settings.get("POOL_OPTIONS") or {}).items()))))
     with _lock:
         pool = _pools.get(key)
         if pool is not None and pool.pid != os.getpid():
@@ -263,8 +270,7 @@ def _get_pool(alias, settings_dict, conn_params):
             _pools.clear()
             pool = None
         if pool is None:
-            pool = _pools[key] = _Pool(alias, resolve_pool_options(alias, settings_dict),
-                                       conn_params)
+            pool = _pools[key] = _Pool(alias, resolve_pool_options(alias, pool_settings), params)
     return pool
 
 
@@ -305,7 +311,9 @@ class _PooledDatabase(object):
         self._wrapper = wrapper
 
     def connect(self, **conn_params):
-        return self._wrapper._checkout(conn_params)
+        params = _params(conn_params)
+        del conn_params  # shown by Django's DEBUG page if the checkout fails
+        return self._wrapper._checkout(params)
 
     def __getattr__(self, name):
         return getattr(_pg.Database, name)
@@ -319,9 +327,9 @@ class DatabaseWrapper(_pg.DatabaseWrapper):
         self.creation = DatabaseCreation(self)
         self._pool = self._pool_fairy = None
 
-    def _checkout(self, conn_params):
-        params = dict((k, v) for k, v in conn_params.items() if k not in _rules.NORMALIZERS)
-        pool = _get_pool(self.alias, self.settings_dict, params)
+    def _checkout(self, params):
+        """Check out of the pool for ``params`` (from ``_params()``)."""
+        pool = _get_pool(self.alias, _rules.pool_settings(self.settings_dict), params)
         fairy = pool.checkout()
         self._pool, self._pool_fairy = pool, fairy
         return _raw(fairy)
@@ -343,7 +351,9 @@ class DatabaseWrapper(_pg.DatabaseWrapper):
     if django.VERSION >= (1, 6):
 
         def get_new_connection(self, conn_params):
-            return self._checkout(conn_params)
+            params = _params(conn_params)
+            del conn_params  # shown by Django's DEBUG page if the checkout fails
+            return self._checkout(params)
 
         def _close(self):
             if self.connection is None or not self._checkin():

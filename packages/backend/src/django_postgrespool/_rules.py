@@ -292,6 +292,48 @@ def merge(alias, settings_dict, global_args, unavailable=()):
     return merged
 
 
+def pool_settings(settings_dict):
+    # type: (Mapping[str, Any]) -> dict[str, Any]
+    """Return the part of an alias's settings :func:`merge` reads: no password in it.
+
+    The frames that read the pool options may raise (a bad value), and
+    Django's error page shows their locals (see :class:`HiddenParams`).
+    """
+    return {
+        "OPTIONS": split(settings_dict.get("OPTIONS") or {})[0],
+        "POOL_OPTIONS": settings_dict.get("POOL_OPTIONS"),
+        "CONN_HEALTH_CHECKS": settings_dict.get("CONN_HEALTH_CHECKS"),
+    }
+
+
+# -- what Django's error page shows -------------------------------------------
+
+
+class HiddenParams(dict):  # type: ignore[type-arg]
+    """Connection parameters: a dict, shown without its values (the password is one).
+
+    Django's DEBUG error page shows every local of every frame, and its
+    emailed report those of frames not marked with ``sensitive_variables``:
+    the frames of the backends hold the parameters only in this form.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self):
+        # type: () -> str
+        return "<connection parameters>"
+
+
+class HiddenKey(tuple):  # type: ignore[type-arg]
+    """A pool's key, made of an alias's settings (the password among them), shown without them."""
+
+    __slots__ = ()
+
+    def __repr__(self):
+        # type: () -> str
+        return "<settings of a pooled alias>"
+
+
 # -- texts --------------------------------------------------------------------
 
 

@@ -24,11 +24,11 @@ from django.db.backends.signals import connection_created
 from django.views.decorators.debug import sensitive_variables
 
 from django_postgrespool import metrics, registry
+from django_postgrespool._rules import HiddenKey, HiddenParams, pool_settings
 from django_postgrespool.errors import PoolError
 from django_postgrespool.options import (
     POOL_OPTION_NAMES,
     resolve_pool_options,
-    split_pool_options,
 )
 from django_postgrespool.pool import _IDLE, ConnectionPool, Lease, Target
 
@@ -64,15 +64,6 @@ def _freeze(value: Any) -> Hashable:
 
 def _copy(value: Any) -> Any:
     return dict(value) if isinstance(value, dict) else value
-
-
-class _SettingsKey(tuple):  # type: ignore[type-arg]
-    """An alias's settings that key its pool: a tuple, shown without them (the password is one)."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "<settings of a pooled alias>"
 
 
 class DatabaseCreation(PostgreSQLCreation):
@@ -221,7 +212,9 @@ class PooledDatabaseWrapperMixin:
         if lease is None:
             # Called directly (not through connect()): a connection of the
             # caller's own, outside the pool, as the stock engine gives.
-            return super().get_new_connection(conn_params)  # type: ignore[misc]
+            params = HiddenParams(conn_params)
+            del conn_params  # Django's DEBUG page shows every local if connecting fails
+            return super().get_new_connection(params)  # type: ignore[misc]
         self._new_lease = None
         if lease.isolation_level is None:  # opened by this very checkout
             lease.isolation_level = self.isolation_level
@@ -381,7 +374,7 @@ class PooledDatabaseWrapperMixin:
             # From here on, an error (invalid POOL_OPTIONS) puts this frame
             # and the registry's in Django's error report: the key they hold
             # must not show the password.
-            settings_key = _SettingsKey(settings_key)
+            settings_key = HiddenKey(settings_key)
             key = (type(self), self.alias, settings_key)  # type: ignore[attr-defined]
             pool = registry.get_pool(key, self._build_pool)
             self._pool, self._pool_key_cached = pool, settings_key
@@ -422,7 +415,9 @@ class PooledDatabaseWrapperMixin:
         # every local of every frame (sensitive_variables hides them from
         # the emailed report only), and reading the options may raise.
         options = resolve_pool_options(
-            alias, self._pool_settings(), getattr(settings, "DATABASE_POOL_ARGS", None)
+            alias,
+            pool_settings(self.settings_dict),  # type: ignore[attr-defined]
+            getattr(settings, "DATABASE_POOL_ARGS", None),
         )
         target = Target(
             database=str(self.settings_dict["NAME"] or "postgres"),  # type: ignore[attr-defined]
@@ -440,14 +435,6 @@ class PooledDatabaseWrapperMixin:
             require_primary=attrs == "primary",
             require_writable=attrs == "read-write",
         )
-
-    def _pool_settings(self) -> dict[str, Any]:
-        """The settings the pool options are read from, and nothing else (no password)."""
-        return {
-            "OPTIONS": split_pool_options(self.settings_dict["OPTIONS"])[0],  # type: ignore[attr-defined]
-            "POOL_OPTIONS": self.settings_dict.get("POOL_OPTIONS"),  # type: ignore[attr-defined]
-            "CONN_HEALTH_CHECKS": self.settings_dict.get("CONN_HEALTH_CHECKS"),  # type: ignore[attr-defined]
-        }
 
 
 class DatabaseWrapper(  # type: ignore[misc]
