@@ -72,6 +72,15 @@ def request(handler, path):
         body.close()  # request_finished: Django closes, the pool takes it back
 
 
+def error_page():
+    """Our frames of Django's DEBUG page, per scenario of the sample's error_report command."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample", "notes",
+                                    "management", "commands"))
+    from error_report import report_of_scenarios
+
+    return report_of_scenarios(os.environ["LEGACY_DB_PASSWORD"])
+
+
 handler = WSGIHandler()
 pids = [request(handler, "/pid/") for _ in range(3)]
 pids.append(request(handler, "/leave-open/"))
@@ -85,4 +94,5 @@ print(json.dumps({
     "left_over": int(left_over),
     "opened": stats["opened"],
     "checkouts": stats["checkouts"],
+    "error_page": error_page(),
 }, sort_keys=True))

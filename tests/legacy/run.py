@@ -373,17 +373,21 @@ def test_django_14_requests_reuse_one_backend_pid_and_roll_back(lane: Lane) -> N
     assert len(set(report["pids"])) == 1 and report["pids"][0].isdigit(), report
     assert report["left_over"] == 0, report  # the uncommitted CREATE TABLE was rolled back
     assert (report["opened"], report["checkouts"]) == (1, 5), report
+    assert_error_page_clean(report["error_page"])  # Django 1.4's page, Database.connect's path
 
 
-def test_no_frame_of_ours_on_django_error_page_shows_the_password(lane: Lane) -> None:
-    done = lane.manage("error_report")
-    report = json.loads(done.stdout)
+def assert_error_page_clean(report: dict[str, dict[str, object]]) -> None:
+    """What ``error_report`` found on Django's DEBUG page: our frames, none with the password."""
     assert set(report) == {"bad_options", "options_password", "refused"}, report
     for scenario, entry in report.items():
         assert entry["ours"] >= 3, (scenario, entry)  # the page shows frames of ours
         assert entry["leaks"] == [], (scenario, entry)
     assert report["refused"]["error"] == "OperationalError", report
     assert report["bad_options"]["error"] == "ImproperlyConfigured", report
+
+
+def test_no_frame_of_ours_on_django_error_page_shows_the_password(lane: Lane) -> None:
+    assert_error_page_clean(json.loads(lane.manage("error_report").stdout))
 
 
 def test_password_never_appears_in_any_output(lane: Lane) -> None:

@@ -2,6 +2,8 @@
 
     manage.py error_report   # prints {"SCENARIO": {"ours": N, "leaks": [...]}, ...}
 
+(tests/legacy/old_django_probe.py runs the same scenarios on Django 1.4.)
+
 Each scenario opens a connection of an alias of its own that fails in a
 different place; the page is rendered with DEBUG on, where Django shows
 every local of every frame.
@@ -49,18 +51,23 @@ def where(frame):
     return "%s in %s" % (filename, rest.split("<code>", 1)[1].split("</code>", 1)[0])
 
 
+def report_of_scenarios(password):
+    """Run every scenario; return what our frames of each page show."""
+    report = {}
+    for name, overrides in sorted(SCENARIOS.items()):
+        entry = dict(connections.databases["default"], **overrides)
+        entry["OPTIONS"] = dict(entry.get("OPTIONS") or {}, **overrides.get("OPTIONS", {}))
+        connections.databases[name] = entry
+        error, frames = our_frames(name)
+        report[name] = {
+            "error": error,
+            "ours": len(frames),
+            "leaks": [where(f) for f in frames if password in f],
+        }
+    return report
+
+
 class Command(BaseCommand):
     def handle(self, *args, **options):
-        password = os.environ["LEGACY_DB_PASSWORD"]
-        report = {}
-        for name, overrides in sorted(SCENARIOS.items()):
-            entry = dict(connections.databases["default"], **overrides)
-            entry["OPTIONS"] = dict(entry.get("OPTIONS") or {}, **overrides.get("OPTIONS", {}))
-            connections.databases[name] = entry
-            error, frames = our_frames(name)
-            report[name] = {
-                "error": error,
-                "ours": len(frames),
-                "leaks": [where(f) for f in frames if password in f],
-            }
+        report = report_of_scenarios(os.environ["LEGACY_DB_PASSWORD"])
         self.stdout.write(json.dumps(report, sort_keys=True))
