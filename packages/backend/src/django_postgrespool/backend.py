@@ -26,10 +26,7 @@ from django.views.decorators.debug import sensitive_variables
 from django_postgrespool import metrics, registry
 from django_postgrespool._rules import HiddenKey, HiddenParams, pool_settings
 from django_postgrespool.errors import PoolError
-from django_postgrespool.options import (
-    POOL_OPTION_NAMES,
-    resolve_pool_options,
-)
+from django_postgrespool.options import POOL_OPTION_NAMES, resolve_pool_options
 from django_postgrespool.pool import _IDLE, ConnectionPool, Lease, Target
 
 __all__ = [

@@ -902,7 +902,7 @@ class ConnectionPool:
                 if self._due():
                     to_wake = [self._hand_over(lease)]
                     if self._idle:  # left idle while it guarded the line
-                        self._serve_from_idle(to_wake)
+                        to_wake += self._serve_from_idle()
                 else:
                     lease.state = IDLE
                     self._idle[lease] = True
@@ -921,15 +921,14 @@ class ConnectionPool:
             for waiter in to_wake:
                 waiter.wake()
 
-    def _serve_from_idle(self, to_wake: list[_Waiter] | None = None) -> list[_Waiter]:
+    def _serve_from_idle(self) -> list[_Waiter]:
         """Hand idle connections to the waiters that are due (under the lock).
 
-        Return the waiters to wake once the lock is released (added to
-        ``to_wake``): those served, and a first in line that is not due yet
-        and must start guarding the line.
+        Return the waiters to wake once the lock is released: those served,
+        and a first in line that is not due yet and must start guarding the
+        line.
         """
-        if to_wake is None:
-            to_wake = []
+        to_wake: list[_Waiter] = []
         while self._due():
             other = self._take_idle()
             if other is None:
