@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
 from django.db import OperationalError
 from django_postgrespool import pool_stats
 
+from tests.reliability.load import wait_until
+from tests.support.db import url_params
+from tests.support.proxy import HoldingProxy
 from tests.support.requests import backend_pid, hold_at_once, run_request
 
 
@@ -111,3 +115,44 @@ def test_read_write_target_never_lends_a_session_that_can_no_longer_write(pooled
     )
     assert read_only == "off" and pid != first
     assert pool_stats(alias)[0]["invalidated"] == 1
+
+
+def test_session_ended_right_after_a_result_is_not_lent_again(pooled_alias, monitor, server_url):
+    # The server ends an idle session (pg_terminate_backend, idle_session_timeout,
+    # a shutdown) right after a result: the client reads its farewell with
+    # that result, and until the backend's exit closes the socket, the
+    # socket has nothing left to read. The socket check alone would lend it.
+    p = url_params(server_url)
+    proxy = HoldingProxy((p["host"], int(p["port"])))
+    try:
+        alias, app = pooled_alias(
+            HOST="127.0.0.1",
+            PORT=str(proxy.port),
+            pool_options={"pre_ping": "socket", "pool_size": 1, "max_overflow": 0},
+        )
+        first = backend_pid(alias)
+        proxy.hold()
+        sql = "SELECT 42 AS held_result"
+        answer: list[object] = []
+        request = threading.Thread(
+            target=lambda: answer.append(run_request(alias, lambda c: (c.execute(sql), c.fetchone()[0])[1]))
+        )
+        request.start()
+        # The server answered (the proxy holds the answer) and is idle: end it.
+        assert wait_until(
+            lambda: monitor.query(
+                "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND state = 'idle' AND query = %s",
+                (first, sql),
+            ),
+            5,
+        )
+        monitor.query("SELECT pg_terminate_backend(%s)", (first,))
+        request.join(10)
+        assert answer == [42]
+        second = backend_pid(alias)
+        assert second != first
+        (stats,) = pool_stats(alias)
+        assert stats["invalidated"] == 1
+        assert monitor.pids(app) == [second]
+    finally:
+        proxy.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 
 
 def pipe(src: socket.socket, dst: socket.socket) -> None:
@@ -13,8 +14,82 @@ def pipe(src: socket.socket, dst: socket.socket) -> None:
     except OSError:
         pass
     finally:
-        for s in (src, dst):
+        _shut(src, dst)
+
+
+class HoldingProxy:
+    """A TCP proxy to ``upstream`` that can hold back what the server sends.
+
+    After ``hold()``, what the server sends next on the newest connection is
+    kept until the server hangs up, then passed on in one piece, and the
+    client's socket is left open: the client reads the last result and the
+    server's goodbye together, and its socket stays quiet, as in the moment
+    between a backend's farewell message and its exit. The client's next
+    bytes find no server: the proxy hangs up on it then.
+    """
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self._held: list[bytes] | None = None
+        self._newest: object = None
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def hold(self) -> None:
+        self._held = []
+
+    def _serve(self) -> None:
+        while True:
             try:
-                s.shutdown(socket.SHUT_RDWR)
+                client, _ = self.sock.accept()
             except OSError:
-                pass
+                return
+            upstream = socket.create_connection(self.upstream)
+            self._sockets += [client, upstream]
+            gone = threading.Event()
+            self._newest = gone
+            threading.Thread(target=self._up, args=(client, upstream, gone), daemon=True).start()
+            threading.Thread(target=self._down, args=(upstream, client, gone), daemon=True).start()
+
+    def _up(self, client: socket.socket, upstream: socket.socket, gone: threading.Event) -> None:
+        try:
+            while (data := client.recv(65536)) and not gone.is_set():
+                upstream.sendall(data)
+        except OSError:
+            pass
+        _shut(client, upstream)
+
+    def _down(self, upstream: socket.socket, client: socket.socket, gone: threading.Event) -> None:
+        try:
+            while data := upstream.recv(65536):
+                held = self._held if self._newest is gone else None
+                if held is None:
+                    client.sendall(data)
+                else:
+                    held.append(data)
+        except OSError:
+            pass
+        gone.set()
+        held = self._held if self._newest is gone else None
+        if held is None:
+            _shut(upstream, client)
+            return
+        self._held = None
+        client.sendall(b"".join(held))  # the client's socket stays open
+
+    def close(self) -> None:
+        self.sock.close()
+        _shut(*self._sockets)
+
+
+def _shut(*sockets: socket.socket) -> None:
+    for s in sockets:
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass

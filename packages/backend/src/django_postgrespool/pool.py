@@ -201,6 +201,7 @@ class Lease:
         "born",
         "configured",
         "cursors",
+        "ended",
         "expires",
         "fairy",
         "isolation_level",
@@ -238,6 +239,9 @@ class Lease:
         self.source = "new"
         self.wait = 0.0
         self.poller: Any = None
+        # The server said it ends the session (a FATAL message read after a
+        # result): the socket may stay quiet until the backend has exited.
+        self.ended = False
         self.leak_warned = False
         self.leak_stack: list[str] | None = None
 
@@ -608,6 +612,7 @@ class ConnectionPool:
             else recycle * (1.0 - _RECYCLE_SPREAD * random.random())
         )
         lease = Lease(self, fairy, lifetime)
+        _hear_farewell(lease)
         if self._pre_ping == "socket":
             _poller(lease)
         with self._lock:
@@ -992,6 +997,9 @@ class ConnectionPool:
             return "the connection to the server was lost"
         if status == _ACTIVE:
             return "a command was still running on it"
+        if lease.ended:
+            self._suspect_before = time.monotonic()
+            return "the server ended its session"
         try:
             cursors = lease.cursors
             if cursors:
@@ -1235,6 +1243,54 @@ def _poller(lease: Lease) -> Any:
     poller = lease.poller = select.poll()
     poller.register(fd, select.POLLIN | select.POLLPRI)
     return poller
+
+
+_FAREWELL = ("FATAL", "PANIC")
+
+
+def _hear_farewell(lease: Lease) -> None:
+    """Have ``lease.ended`` set when the server says it ends the session.
+
+    A backend that is terminated, times out (idle_session_timeout) or shuts
+    down while idle sends a FATAL message and exits. When that message comes
+    right after a result, libpq reads both at once and hands the message to
+    the notice processor (an error outside a query is not raised); the socket
+    then has nothing left to read until the backend's exit closes it, and the
+    socket check would lend a connection already gone. Notices are heard at
+    no cost per request: a handler runs only when one arrives.
+    """
+    raw, ref = lease.raw, weakref.ref(lease)
+    add_handler = getattr(raw, "add_notice_handler", None)
+    if add_handler is not None:  # psycopg 3
+
+        def heard(diagnostic: Any) -> None:
+            if (diagnostic.severity_nonlocalized or diagnostic.severity) in _FAREWELL:
+                heard_lease = ref()
+                if heard_lease is not None:
+                    heard_lease.ended = True
+
+        add_handler(heard)
+    elif type(getattr(raw, "notices", None)) is list:  # psycopg2: it appends to conn.notices
+        raw.notices = _Notices(raw.notices, ref)
+
+
+class _Notices(list):  # type: ignore[type-arg]
+    """psycopg2's list of a connection's notices, telling the lease of a farewell."""
+
+    __slots__ = ("_lease",)
+
+    def __init__(self, notices: list[str], lease: weakref.ref[Lease]) -> None:
+        super().__init__(notices)
+        self._lease = lease
+
+    def append(self, notice: str) -> None:
+        super().append(notice)
+        # psycopg2 gives the text only: "FATAL:  ...", the severity as the
+        # server's lc_messages spells it (untranslated in English, the default).
+        if notice.startswith(_FAREWELL):
+            lease = self._lease()
+            if lease is not None:
+                lease.ended = True
 
 
 def _first_line(error: BaseException) -> str:
