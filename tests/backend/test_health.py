@@ -131,8 +131,8 @@ def test_session_ended_right_after_a_result_is_not_lent_again(pooled_alias, moni
             pool_options={"pre_ping": "socket", "pool_size": 1, "max_overflow": 0},
         )
         first = backend_pid(alias)
-        proxy.hold()
         sql = "SELECT 42 AS held_result"
+        proxy.hold(sql.encode())
         answer: list[object] = []
         request = threading.Thread(
             target=lambda: answer.append(run_request(alias, lambda c: (c.execute(sql), c.fetchone()[0])[1]))

@@ -287,6 +287,16 @@ def test_requests_reuse_one_backend_pid_and_roll_back_what_they_left_open(lane: 
     assert stats["database"] == DATABASE and stats["user"] == "postgres", stats
 
 
+def test_a_session_the_server_ended_after_a_result_is_not_lent_again(lane: Lane) -> None:
+    # The sample's farewell command: the backend's FATAL message read with a
+    # result, the socket still open (see its docstring).
+    report = json.loads(lane.manage("farewell").stdout)
+    assert report["answer"] == 42, report
+    assert report["error"] is None, report
+    assert report["second"] != report["first"], report
+    assert report["invalidated"] == 1, report
+
+
 def test_pool_cap_raises_pool_timeout_naming_alias_and_sizes(lane: Lane) -> None:
     report = lane.probe()
     assert report["timeout_error"] == (
@@ -405,6 +415,7 @@ TESTS: list[Callable[[Lane], None]] = [
     test_data_migration_fills_the_new_column_on_a_pooled_connection,
     test_requests_reuse_one_backend_pid_and_roll_back_what_they_left_open,
     test_pool_cap_raises_pool_timeout_naming_alias_and_sizes,
+    test_a_session_the_server_ended_after_a_result_is_not_lent_again,
     test_unknown_pool_option_is_improperly_configured,
     test_invalid_database_pool_args_is_improperly_configured,
     test_options_the_legacy_backend_lacks_are_refused_unless_none,

@@ -20,12 +20,13 @@ def pipe(src: socket.socket, dst: socket.socket) -> None:
 class HoldingProxy:
     """A TCP proxy to ``upstream`` that can hold back what the server sends.
 
-    After ``hold()``, what the server sends next on the newest connection is
-    kept until the server hangs up, then passed on in one piece, and the
-    client's socket is left open: the client reads the last result and the
-    server's goodbye together, and its socket stays quiet, as in the moment
-    between a backend's farewell message and its exit. The client's next
-    bytes find no server: the proxy hangs up on it then.
+    After ``hold(marker)``, once a client sends ``marker`` (a query's text),
+    what the server sends next on that connection is kept until the server
+    hangs up, then passed on in one piece, and the client's socket is left
+    open: the client reads the last result and the server's goodbye
+    together, and its socket stays quiet, as in the moment between a
+    backend's farewell message and its exit. The client's next bytes find no
+    server: the proxy hangs up on it then.
     """
 
     def __init__(self, upstream: tuple[str, int]) -> None:
@@ -35,13 +36,13 @@ class HoldingProxy:
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
         self.port = self.sock.getsockname()[1]
+        self._marker: bytes | None = None
         self._held: list[bytes] | None = None
-        self._newest: object = None
         self._sockets: list[socket.socket] = []
         threading.Thread(target=self._serve, daemon=True).start()
 
-    def hold(self) -> None:
-        self._held = []
+    def hold(self, marker: bytes) -> None:
+        self._marker = marker
 
     def _serve(self) -> None:
         while True:
@@ -52,22 +53,24 @@ class HoldingProxy:
             upstream = socket.create_connection(self.upstream)
             self._sockets += [client, upstream]
             gone = threading.Event()
-            self._newest = gone
             threading.Thread(target=self._up, args=(client, upstream, gone), daemon=True).start()
             threading.Thread(target=self._down, args=(upstream, client, gone), daemon=True).start()
 
     def _up(self, client: socket.socket, upstream: socket.socket, gone: threading.Event) -> None:
         try:
             while (data := client.recv(65536)) and not gone.is_set():
+                if self._marker is not None and self._marker in data:
+                    self._marker, self._held = None, []
                 upstream.sendall(data)
         except OSError:
             pass
-        _shut(client, upstream)
+        _shut(client, upstream)  # nothing to send it to: hang up on the client
 
     def _down(self, upstream: socket.socket, client: socket.socket, gone: threading.Event) -> None:
+        held = None
         try:
             while data := upstream.recv(65536):
-                held = self._held if self._newest is gone else None
+                held = self._held
                 if held is None:
                     client.sendall(data)
                 else:
@@ -75,7 +78,6 @@ class HoldingProxy:
         except OSError:
             pass
         gone.set()
-        held = self._held if self._newest is gone else None
         if held is None:
             _shut(upstream, client)
             return
