@@ -7,6 +7,7 @@ import time
 
 import pytest
 from django.db import OperationalError
+from django_postgrespool import pool as pool_module
 from django_postgrespool import pool_stats
 
 from tests.reliability.load import wait_until
@@ -15,8 +16,19 @@ from tests.support.proxy import HoldingProxy
 from tests.support.requests import backend_pid, hold_at_once, run_request
 
 
-@pytest.mark.parametrize("pre_ping", ["socket", True])
-def test_terminated_backend_is_replaced_without_a_failed_request(pooled_alias, monitor, pre_ping):
+@pytest.mark.parametrize(
+    ("pre_ping", "poll"),
+    [("socket", "libc"), ("socket", "select"), (True, "libc")],
+    ids=["socket", "socket-select.poll", "ping"],
+)
+def test_terminated_backend_is_replaced_without_a_failed_request(
+    pooled_alias, monitor, monkeypatch, pre_ping, poll
+):
+    # The socket check calls libc's poll() with the GIL held; where there is
+    # no C library to call, select.poll() (which releases it).
+    assert pool_module._libc_poll is not None  # Linux: CI runs the fast path
+    if poll == "select":
+        monkeypatch.setattr(pool_module, "_libc_poll", None)
     alias, app = pooled_alias(pool_options={"pre_ping": pre_ping})
     first = backend_pid(alias)
     assert monitor.terminate(app) == 1

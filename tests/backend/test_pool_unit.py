@@ -738,3 +738,33 @@ def test_histograms_count_every_checkout() -> None:
     assert stats["create_time_histogram"]["count"] == 1
     assert stats["wait_time"] == stats["wait_time_histogram"]["sum"]
 
+
+
+def test_the_socket_check_sees_data_and_a_closed_peer_and_keeps_the_gil():
+    # libc's poll() through ctypes.PyDLL: a zero-timeout call that never
+    # releases the GIL (select.poll() does, and with several threads per
+    # process each release costs a hand-off of the GIL).
+    import ctypes
+    import socket
+
+    from django_postgrespool import pool as pool_module
+
+    assert isinstance(pool_module._libc_poll, ctypes._CFuncPtr)
+    assert pool_module._libc_poll._flags_ & ctypes._FUNCFLAG_PYTHONAPI  # PyDLL: GIL held
+    ours, server = socket.socketpair()
+    with ours, server:
+
+        class FakeLease:
+            poller = None
+            raw = ours
+
+        lease = FakeLease()
+        readable = pool_module._poller(lease)
+        assert lease.poller is readable
+        assert not readable()
+        server.send(b"E")
+        assert readable()
+        ours.recv(1)
+        assert not readable()
+        server.close()
+        assert readable()  # end of file: the server hung up
