@@ -1243,7 +1243,7 @@ def _poller(lease: Lease) -> Callable[[], Any] | None:
         return None
     if _libc_poll is not None:
         fds = _PollFd(fd, select.POLLIN | select.POLLPRI, 0)
-        readable: Callable[[], Any] = _Readable(_libc_poll, ctypes.addressof(fds), 1, 0)
+        readable: Callable[[], Any] = functools.partial(_libc_poll, ctypes.addressof(fds), 1, 0)
         readable.fds = fds  # type: ignore[attr-defined]  # lives as long as what points to it
     else:
         poll_object = select.poll()
@@ -1257,10 +1257,6 @@ class _PollFd(ctypes.Structure):
     """struct pollfd (poll(2))."""
 
     _fields_ = (("fd", ctypes.c_int), ("events", ctypes.c_short), ("revents", ctypes.c_short))
-
-
-class _Readable(functools.partial):  # type: ignore[type-arg]
-    """libc's poll(fds, 1, 0), holding its struct pollfd."""
 
 
 def _libc_poll_function() -> Any:
