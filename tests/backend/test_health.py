@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 
@@ -11,7 +12,7 @@ from django_postgrespool import pool as pool_module
 from django_postgrespool import pool_stats
 
 from tests.reliability.load import wait_until
-from tests.support.db import url_params
+from tests.support.db import DRIVER, url_params
 from tests.support.proxy import HoldingProxy
 from tests.support.requests import backend_pid, hold_at_once, run_request
 
@@ -129,11 +130,27 @@ def test_read_write_target_never_lends_a_session_that_can_no_longer_write(pooled
     assert pool_stats(alias)[0]["invalidated"] == 1
 
 
-def test_session_ended_right_after_a_result_is_not_lent_again(pooled_alias, monitor, server_url):
+# psycopg2 keeps a connection's notices in conn.notices, which an application
+# may replace (with a deque, say): checkin reads the last one either way.
+NOTICES_KEPT_IN = ["the driver's own way"] + (["a deque"] if DRIVER == "psycopg2" else [])
+
+
+@pytest.mark.parametrize("notices_kept_in", NOTICES_KEPT_IN)
+def test_session_ended_right_after_a_result_is_not_lent_again(
+    pooled_alias, monitor, server_url, notices_kept_in
+):
     # The server ends an idle session (pg_terminate_backend, idle_session_timeout,
     # a shutdown) right after a result: the client reads its farewell with
     # that result, and until the backend's exit closes the socket, the
     # socket has nothing left to read. The socket check alone would lend it.
+    from django.db.backends.signals import connection_created
+
+    def keep_notices_in_a_deque(connection, **kwargs):
+        if not isinstance(connection.connection.notices, collections.deque):
+            connection.connection.notices = collections.deque(maxlen=10)
+
+    if notices_kept_in == "a deque":
+        connection_created.connect(keep_notices_in_a_deque)
     p = url_params(server_url)
     proxy = HoldingProxy((p["host"], int(p["port"])))
     try:
@@ -167,4 +184,5 @@ def test_session_ended_right_after_a_result_is_not_lent_again(pooled_alias, moni
         assert stats["invalidated"] == 1
         assert monitor.pids(app) == [second]
     finally:
+        connection_created.disconnect(keep_notices_in_a_deque)
         proxy.close()

@@ -8,6 +8,7 @@ against real PostgreSQL in test_lease.py.
 
 from __future__ import annotations
 
+import collections
 import gc
 import os
 import random
@@ -16,6 +17,7 @@ import threading
 import time
 
 import pytest
+from django_postgrespool._rules import said_farewell
 from django_postgrespool.errors import PoolError, PoolTimeout
 from django_postgrespool.options import PoolOptions
 from django_postgrespool import pool as pool_module
@@ -768,3 +770,19 @@ def test_the_socket_check_sees_data_and_a_closed_peer_and_keeps_the_gil():
         assert not readable()
         server.close()
         assert readable()  # end of file: the server hung up
+
+
+@pytest.mark.parametrize(
+    ("notices", "said"),
+    [
+        (None, False),
+        ([], False),
+        (["WARNING:  there is no transaction in progress\n"], False),
+        (["NOTICE:  x\n", "FATAL:  terminating connection due to administrator command\n"], True),
+        (collections.deque(["PANIC:  could not write to file\n"]), True),
+        (["FATAL:  an old one\n", "NOTICE:  the last one\n"], False),
+        (object(), False),  # replaced by something that is not a sequence
+    ],
+)
+def test_a_farewell_is_the_last_notice_a_fatal_or_panic_one(notices, said):
+    assert said_farewell(notices) is said

@@ -92,7 +92,6 @@ class PoolTimeout(_OperationalError):
 
 # libpq's PGTransactionStatusType (psycopg2.extensions.TRANSACTION_STATUS_*).
 _IDLE, _ACTIVE, _INTRANS, _INERROR, _UNKNOWN = range(5)
-_FAREWELL = ("FATAL", "PANIC")  # notices of a session the server ends
 _BORN = "django_postgrespool.born"
 _DISCARDED = "django_postgrespool.discarded"
 
@@ -212,12 +211,7 @@ class _Pool(object):
             return "a command was still running on it"
         if status == _UNKNOWN:
             return "the connection to the server was lost"
-        notices = getattr(raw, "notices", None)
-        if notices and str(notices[-1]).startswith(_FAREWELL):
-            # The server ended the session right after a result: libpq read
-            # its FATAL message with that result, as a notice, and the socket
-            # stays quiet until the backend has exited (the socket check
-            # would lend it).
+        if _rules.said_farewell(getattr(raw, "notices", None)):
             return "the server ended its session"
         try:
             if status != _IDLE:

@@ -334,6 +334,35 @@ class HiddenKey(tuple):  # type: ignore[type-arg]
         return "<settings of a pooled alias>"
 
 
+# -- the server's farewell ----------------------------------------------------
+
+#: Severities of the message with which the server ends a session.
+FAREWELL = ("FATAL", "PANIC")
+
+
+def said_farewell(notices):
+    # type: (Any) -> bool
+    """Tell whether the last of psycopg2's ``conn.notices`` is the server ending the session.
+
+    A backend terminated, timed out or shut down while idle sends a FATAL
+    message and exits. When that message comes right after a result, libpq
+    reads both at once and hands the message to the notice processor (an
+    error outside a query is not raised); the socket then stays quiet until
+    the backend has exited, and the socket check would lend a connection
+    already gone. Nothing can come after a farewell, so the last notice is the
+    one to read, at checkin. psycopg2 gives the text only ("FATAL:  ..."), its
+    severity as the server's lc_messages spells it (untranslated in English,
+    the default). ``notices`` is whatever the application left there: a list,
+    a deque, or None.
+    """
+    if not notices:
+        return False
+    try:
+        return str(notices[-1]).startswith(FAREWELL)
+    except Exception:  # not a sequence: the application replaced it
+        return False
+
+
 # -- texts --------------------------------------------------------------------
 
 

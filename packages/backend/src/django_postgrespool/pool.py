@@ -55,6 +55,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import PoolProxiedConnection, QueuePool
 
 from django_postgrespool import metrics as _metrics
+from django_postgrespool._rules import FAREWELL, said_farewell
 from django_postgrespool.errors import PoolError, PoolTimeout
 from django_postgrespool.options import PoolOptions
 
@@ -205,6 +206,7 @@ class Lease:
         "ended",
         "expires",
         "fairy",
+        "heard",
         "isolation_level",
         "leak_stack",
         "leak_warned",
@@ -242,7 +244,8 @@ class Lease:
         self.poller: Any = None
         # The server said it ends the session (a FATAL message read after a
         # result): the socket may stay quiet until the backend has exited.
-        self.ended = False
+        # heard: psycopg 3 tells of each notice as it comes (_hear_farewell).
+        self.ended = self.heard = False
         self.leak_warned = False
         self.leak_stack: list[str] | None = None
 
@@ -998,7 +1001,7 @@ class ConnectionPool:
             return "the connection to the server was lost"
         if status == _ACTIVE:
             return "a command was still running on it"
-        if lease.ended:
+        if lease.ended or (not lease.heard and said_farewell(getattr(raw, "notices", None))):
             self._suspect_before = time.monotonic()
             return "the server ended its session"
         try:
@@ -1280,52 +1283,27 @@ def _libc_poll_function() -> Any:
 _libc_poll = _libc_poll_function()
 
 
-_FAREWELL = ("FATAL", "PANIC")
-
-
 def _hear_farewell(lease: Lease) -> None:
-    """Have ``lease.ended`` set when the server says it ends the session.
+    """With psycopg 3, have ``lease.ended`` set when the server says it ends the session.
 
-    A backend that is terminated, times out (idle_session_timeout) or shuts
-    down while idle sends a FATAL message and exits. When that message comes
-    right after a result, libpq reads both at once and hands the message to
-    the notice processor (an error outside a query is not raised); the socket
-    then has nothing left to read until the backend's exit closes it, and the
-    socket check would lend a connection already gone. Notices are heard at
-    no cost per request: a handler runs only when one arrives.
+    See :func:`_rules.said_farewell`: a farewell read with a result leaves the
+    socket quiet. psycopg 3 calls a handler for each notice, at no cost per
+    request; psycopg2 keeps them in ``conn.notices``, whose last one checkin
+    reads (``lease.heard`` stays False).
     """
-    raw, ref = lease.raw, weakref.ref(lease)
-    add_handler = getattr(raw, "add_notice_handler", None)
-    if add_handler is not None:  # psycopg 3
+    add_handler = getattr(lease.raw, "add_notice_handler", None)
+    if add_handler is None:
+        return
+    ref = weakref.ref(lease)
 
-        def heard(diagnostic: Any) -> None:
-            if (diagnostic.severity_nonlocalized or diagnostic.severity) in _FAREWELL:
-                heard_lease = ref()
-                if heard_lease is not None:
-                    heard_lease.ended = True
+    def heard(diagnostic: Any) -> None:
+        if (diagnostic.severity_nonlocalized or diagnostic.severity) in FAREWELL:
+            heard_lease = ref()
+            if heard_lease is not None:
+                heard_lease.ended = True
 
-        add_handler(heard)
-    elif type(getattr(raw, "notices", None)) is list:  # psycopg2: it appends to conn.notices
-        raw.notices = _Notices(raw.notices, ref)
-
-
-class _Notices(list):  # type: ignore[type-arg]
-    """psycopg2's list of a connection's notices, telling the lease of a farewell."""
-
-    __slots__ = ("_lease",)
-
-    def __init__(self, notices: list[str], lease: weakref.ref[Lease]) -> None:
-        super().__init__(notices)
-        self._lease = lease
-
-    def append(self, notice: str) -> None:
-        super().append(notice)
-        # psycopg2 gives the text only: "FATAL:  ...", the severity as the
-        # server's lc_messages spells it (untranslated in English, the default).
-        if notice.startswith(_FAREWELL):
-            lease = self._lease()
-            if lease is not None:
-                lease.ended = True
+    add_handler(heard)
+    lease.heard = True
 
 
 def _first_line(error: BaseException) -> str:
