@@ -454,6 +454,25 @@ def test_open_cursors_are_closed_at_checkin() -> None:
     assert lease.cursors == []
 
 
+def test_closed_cursors_are_let_go_while_open_ones_are_kept() -> None:
+    # A connection held across many requests (CONN_MAX_AGE > 0) must not keep
+    # every cursor it ever made: only those still open, to close at checkin.
+    pool = make_pool()
+    lease = pool.checkout(FakeConnection, None, threading.current_thread())
+    still_open = FakeCursor()
+    lease.track(still_open)
+    for _ in range(1000):
+        cursor = FakeCursor()
+        lease.track(cursor)
+        cursor.close()
+    assert lease.cursors == [still_open, cursor]  # the last one, closed, until the next
+    last_open = FakeCursor()
+    lease.track(last_open)
+    assert lease.cursors == [still_open, last_open]
+    pool.checkin(lease)
+    assert still_open.closed and last_open.closed
+
+
 def test_a_connection_in_a_transaction_is_rolled_back_at_checkin() -> None:
     pool = make_pool()
     lease = pool.checkout(FakeConnection, None, threading.current_thread())

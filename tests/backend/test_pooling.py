@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
+from unittest import mock
 
+import pytest
+from django.core.exceptions import SynchronousOnlyOperation
 from django.db import connections, transaction
 from django_postgrespool import pool_stats
 
@@ -23,6 +27,50 @@ def test_connection_stays_open_idle_in_the_pool_after_the_request(pooled_alias, 
     assert connections[alias].connection is None
     state = monitor.query("SELECT state FROM pg_stat_activity WHERE pid = %s", (pid,))
     assert state == [("idle",)]
+
+
+def test_the_end_of_a_request_calls_a_close_that_is_not_djangos(pooled_alias):
+    # The end of a request gives the connection back without Django's close()
+    # only while close() and what Django calls around it are Django's own: a
+    # subclass's close(), or one patched on the connection, is called.
+    alias, app = pooled_alias()
+    connection = connections[alias]
+    calls: list[str] = []
+
+    class Subclass(type(connection)):  # type: ignore[misc]
+        def close(self):
+            calls.append("subclass")
+            super().close()
+
+    first = backend_pid(alias)
+    original = type(connection)
+    connection.__class__ = Subclass
+    try:
+        assert backend_pid(alias) == first
+    finally:
+        connection.__class__ = original
+    assert calls == ["subclass"] and connection.connection is None
+    with mock.patch.object(connection, "close", wraps=connection.close) as patched:
+        assert backend_pid(alias) == first
+    assert patched.call_count == 1 and connection.connection is None
+    assert backend_pid(alias) == first  # and Django's own again, the connection given back
+
+
+def test_the_end_of_a_request_inside_an_event_loop_raises_as_django_does(pooled_alias):
+    # Django's close_if_unusable_or_obsolete() refuses to run in an event loop
+    # (SynchronousOnlyOperation); the pool's quicker way must refuse too.
+    alias, app = pooled_alias()
+    connection = connections[alias]
+    connection.ensure_connection()
+
+    async def end_of_request() -> None:
+        connection.close_if_unusable_or_obsolete()
+
+    with pytest.raises(SynchronousOnlyOperation):
+        asyncio.run(end_of_request())
+    assert connection.connection is not None  # still this thread's
+    connection.close_if_unusable_or_obsolete()
+    assert connection.connection is None
 
 
 def test_two_threads_at_once_use_two_backends_then_share_them(pooled_alias, monitor):

@@ -255,6 +255,14 @@ class Lease:
     def track(self, cursor: Any) -> None:
         """Remember ``cursor``: it is closed when the connection is given back."""
         cursors = self.cursors
+        if cursors and cursors[-1].closed:
+            # The usual way (``with connection.cursor() as c:``) closes each
+            # cursor before the next: it is let go now. Kept until the list
+            # is pruned, closed cursors would pile up on a connection held
+            # across requests (CONN_MAX_AGE > 0) and set off the garbage
+            # collector (about 5 us per request, measured).
+            cursors[-1] = cursor
+            return
         cursors.append(cursor)
         if len(cursors) > _CURSORS_KEPT:
             self.cursors = [c for c in cursors if not c.closed]
