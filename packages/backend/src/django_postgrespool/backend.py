@@ -330,9 +330,13 @@ class PooledDatabaseWrapperMixin:
         # it (get_autocommit(), close(), their checks for a running event
         # loop and for the thread): a fifth of the cost of lending and taking
         # back a connection. Any other case goes Django's way.
+        if self._lease is None:
+            if self.connection is None:  # type: ignore[attr-defined]
+                return  # returned already (at the start of every request): Django's does nothing
+            super().close_if_unusable_or_obsolete()  # type: ignore[misc]
+            return
         if (
-            self._lease is not None
-            and self._djangos_close
+            self._djangos_close
             and self.close_at is not None
             and not self.errors_occurred  # type: ignore[attr-defined]
             and not self.in_atomic_block  # type: ignore[attr-defined]
