@@ -37,7 +37,6 @@ class HoldingProxy:
         self.sock.listen(16)
         self.port = self.sock.getsockname()[1]
         self._marker: bytes | None = None
-        self._held: list[bytes] | None = None
         self._sockets: list[socket.socket] = []
         threading.Thread(target=self._serve, daemon=True).start()
 
@@ -53,36 +52,47 @@ class HoldingProxy:
             upstream = socket.create_connection(self.upstream)
             self._sockets += [client, upstream]
             gone = threading.Event()
-            threading.Thread(target=self._up, args=(client, upstream, gone), daemon=True).start()
-            threading.Thread(target=self._down, args=(upstream, client, gone), daemon=True).start()
+            held: list[list[bytes]] = []  # this connection's: [what the server sent] once marked
+            for target, args in ((self._up, (client, upstream)), (self._down, (upstream, client))):
+                threading.Thread(target=target, args=(*args, gone, held), daemon=True).start()
 
-    def _up(self, client: socket.socket, upstream: socket.socket, gone: threading.Event) -> None:
+    def _up(
+        self,
+        client: socket.socket,
+        upstream: socket.socket,
+        gone: threading.Event,
+        held: list[list[bytes]],
+    ) -> None:
         try:
             while (data := client.recv(65536)) and not gone.is_set():
                 if self._marker is not None and self._marker in data:
-                    self._marker, self._held = None, []
+                    self._marker = None
+                    held.append([])
                 upstream.sendall(data)
         except OSError:
             pass
         _shut(client, upstream)  # nothing to send it to: hang up on the client
 
-    def _down(self, upstream: socket.socket, client: socket.socket, gone: threading.Event) -> None:
-        held = None
+    def _down(
+        self,
+        upstream: socket.socket,
+        client: socket.socket,
+        gone: threading.Event,
+        held: list[list[bytes]],
+    ) -> None:
         try:
             while data := upstream.recv(65536):
-                held = self._held
-                if held is None:
-                    client.sendall(data)
+                if held:
+                    held[0].append(data)
                 else:
-                    held.append(data)
+                    client.sendall(data)
         except OSError:
             pass
         gone.set()
-        if held is None:
+        if not held:
             _shut(upstream, client)
             return
-        self._held = None
-        client.sendall(b"".join(held))  # the client's socket stays open
+        client.sendall(b"".join(held[0]))  # the client's socket stays open
 
     def close(self) -> None:
         self.sock.close()

@@ -38,7 +38,6 @@ class HoldingProxy(object):
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(4)
         self.port = self.sock.getsockname()[1]
-        self.held = None
         self.marker = None
         self.sockets = []
         self.spawn(self.serve)
@@ -57,42 +56,41 @@ class HoldingProxy(object):
             upstream = socket.create_connection(self.upstream)
             self.sockets += [client, upstream]
             gone = threading.Event()
-            self.spawn(self.up, client, upstream, gone)
-            self.spawn(self.down, upstream, client, gone)
+            held = []  # this connection's: [what the server sent] once marked
+            self.spawn(self.up, client, upstream, gone, held)
+            self.spawn(self.down, upstream, client, gone, held)
 
-    def up(self, client, upstream, gone):
+    def up(self, client, upstream, gone, held):
         try:
             while True:
                 data = client.recv(65536)
                 if not data or gone.is_set():
                     break  # nothing to send it to: hang up on the client
                 if self.marker is not None and self.marker in data:
-                    self.marker, self.held = None, []
+                    self.marker = None
+                    held.append([])
                 upstream.sendall(data)
         except socket.error:
             pass
         shut(client, upstream)
 
-    def down(self, upstream, client, gone):
-        held = None
+    def down(self, upstream, client, gone, held):
         try:
             while True:
                 data = upstream.recv(65536)
                 if not data:
                     break
-                held = self.held
-                if held is None:
-                    client.sendall(data)
+                if held:
+                    held[0].append(data)
                 else:
-                    held.append(data)
+                    client.sendall(data)
         except socket.error:
             pass
         gone.set()
-        if held is None:
+        if not held:
             shut(upstream, client)
         else:
-            self.held = None
-            client.sendall(b"".join(held))  # the client's socket stays open
+            client.sendall(b"".join(held[0]))  # the client's socket stays open
 
     def close(self):
         self.sock.close()
