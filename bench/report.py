@@ -231,18 +231,20 @@ def fleet_cpu(rows: list[dict[str, Any]], wake: dict[str, float]) -> list[str]:
         "### Where a request's CPU time goes (F-one)",
         "",
         "CPU time over the whole run of each cell (warm-up included) ÷ the requests served: the "
-        "Django processes (user + system), and every PostgreSQL and PgBouncer process; context "
-        "switches of the Django processes. Means of the rounds.",
+        "Django processes (user + system), every PostgreSQL process, every PgBouncer process; "
+        "context switches of the Django processes. Means of the rounds.",
         "",
-        "| alternative | Django processes µs | PostgreSQL + PgBouncer µs | total µs "
+        "| alternative | Django processes µs | PostgreSQL µs | PgBouncer µs | total µs "
         "| context switches |",
-        "|---|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for alt, r in cells:
         name = f"**{ALTERNATIVES[alt][0]}**" if alt == "ours" else ALTERNATIVES[alt][0]
+        bouncer = r.get("bouncer_cpu_us", 0.0)
         out.append(
-            f"| {name} | {r['client_cpu_us']:.0f} | {r['server_cpu_us']:.0f} "
-            f"| {r['client_cpu_us'] + r['server_cpu_us']:.0f} | {r['switches']:.2f} |"
+            f"| {name} | {r['client_cpu_us']:.0f} | {r['server_cpu_us'] - bouncer:.0f} "
+            f"| {bouncer:.0f} | {r['client_cpu_us'] + r['server_cpu_us']:.0f} "
+            f"| {r['switches']:.2f} |"
         )
     if wake:
         out += [
@@ -427,6 +429,10 @@ def write(out: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             f"{max(2, round(meta['duration_s']))} s) after {meta['warmup_s']} s warm-up "
             f"(F-http: 1 s), alternatives alternating; F-http serves {meta['http_target']} "
             "with a new connection per request.",
+            *([
+                "With --split-cpus: PostgreSQL and PgBouncer on one CPU, the Django processes "
+                "and wrk on the others, as if they were two machines.",
+            ] if meta.get("split_cpus") else []),
         ] if len(ab) < len(rows) else []),
         f"{meta['elapsed_s']} s in all. Machine load at the end: `{meta['uptime']}`.",
         "",

@@ -177,14 +177,9 @@ def read_line(proc: subprocess.Popen[str], wanted: Any) -> str:
     return "".join(seen)
 
 
-def server_cpu() -> float:
-    """Return the CPU seconds so far of every PostgreSQL and PgBouncer process on the machine.
-
-    A process that ends between two readings takes its time with it: the
-    difference is a lower bound (the fleet's server sessions live through a cell).
-    """
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
+def server_processes() -> dict[int, str]:
+    """Return the pid → name of every PostgreSQL and PgBouncer process on the machine."""
+    found = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -193,11 +188,58 @@ def server_cpu() -> float:
                 stat = f.read()
         except OSError:  # it ended
             continue
-        name, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:]
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
         if name in ("postgres", "pgbouncer"):
-            fields = rest.split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / tick
+            found[int(entry.name)] = stat
+    return found
+
+
+def server_cpu() -> dict[str, float]:
+    """Return the CPU seconds so far of the PostgreSQL and of the PgBouncer processes.
+
+    A process that ends between two readings takes its time with it: the
+    difference is a lower bound (the fleet's server sessions live through a cell).
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    total = {"postgres": 0, "pgbouncer": 0}
+    for stat in server_processes().values():
+        name, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:]
+        fields = rest.split()
+        total[name] += int(fields[11]) + int(fields[12])  # utime, stime
+    return {name: ticks / tick for name, ticks in total.items()}
+
+
+def split_cpus() -> tuple[set[int], set[int]]:
+    """The CPUs of the server side (PostgreSQL, PgBouncer) and of the application side.
+
+    ``--split-cpus``: the first CPU this process may use for the servers,
+    the others for Django and wrk, as if they were two machines.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise HarnessError(f"--split-cpus needs two CPUs at least; this process may use {cpus}")
+    return {cpus[0]}, set(cpus[1:])
+
+
+def pin_servers(cpus: set[int], pidfiles: list[Path]) -> None:
+    """Move the servers of ``pidfiles`` and their children to ``cpus``.
+
+    The postmaster's new backends inherit it; the backends it already has
+    are moved too.
+    """
+    roots = set()
+    for pidfile in pidfiles:
+        try:
+            roots.add(int(pidfile.read_text().split()[0]))
+        except (OSError, ValueError, IndexError) as error:
+            raise HarnessError(f"--split-cpus: no pid in {pidfile}: {error}") from None
+    for pid, stat in server_processes().items():
+        parent = int(stat[stat.rindex(")") + 2:].split()[1])
+        if pid in roots or parent in roots:
+            try:
+                os.sched_setaffinity(pid, cpus)
+            except ProcessLookupError:  # it ended
+                pass
 
 
 class HarnessError(RuntimeError):
@@ -222,9 +264,13 @@ class Bench:
         monitor: Any,
         project: HttpProject,
         fleet_bouncer_ports: dict[str, int] | None = None,
+        server_pidfiles: list[Path] | None = None,
     ) -> None:
         self.args, self.db, self.monitor, self.project = args, db, monitor, project
         self.fleet_bouncer_ports = fleet_bouncer_ports or {}
+        self.server_pidfiles = server_pidfiles or []
+        # --split-cpus: (the servers' CPUs, the application's), else None.
+        self.split = split_cpus() if args.split_cpus else None
         self.wrk = ensure_wrk() if {"B-http", "F-http"} & set(args.workloads) else ""
 
     def env(self, alt: str, driver: str, fleet: bool = False) -> dict[str, str]:
@@ -255,6 +301,8 @@ class Bench:
     def cell(self, driver: str, workload: str, alt: str, level: int) -> dict[str, Any]:
         name = f"{'fleet' if is_fleet(workload) else 'bench'}-{alt}"
         self.settle(name, alt)
+        if self.split and is_fleet(workload):
+            pin_servers(self.split[0], self.server_pidfiles)
         with Sampler(self.monitor, name) as sampler:
             if workload == "F-one":
                 result = self.in_process_fleet(driver, alt)
@@ -271,6 +319,12 @@ class Bench:
                 f"({result.get('first_error')})"
             )
         return result
+
+    def app_side(self, cmd: list[str]) -> list[str]:
+        """``cmd``, run on the application's CPUs with --split-cpus."""
+        if self.split is None:
+            return cmd
+        return ["taskset", "-c", ",".join(map(str, sorted(self.split[1]))), *cmd]
 
     def in_process(self, driver: str, body: str, alt: str, level: int) -> dict[str, Any]:
         a = self.args
@@ -312,14 +366,14 @@ class Bench:
             "--sync", "--raw",
         ]
         env = self.env(alt, driver, fleet=True)
-        cmds = [cmd] * FLEET_WORKERS
+        cmds = [self.app_side(cmd)] * FLEET_WORKERS
         if a.profile:
             # py-spy's collapsed stacks of the first process (see bench/profile.py).
             a.out.mkdir(parents=True, exist_ok=True)
             spy = str(venv_python("psycopg").parent / "py-spy")
             cmds[0] = [spy, "record", "--format", "raw", "--rate", "250", "--gil", "--nonblocking",
                        "-o", str(a.out / f"profile-{driver}-fleet-one-{alt}.txt"), "--", *cmd]
-        server_before = 0.0
+        server_before = {"postgres": 0.0, "pgbouncer": 0.0}
         procs = [
             subprocess.Popen(c, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
@@ -386,7 +440,9 @@ class Bench:
             # Where the machine's time went, per request: the Django processes,
             # and PostgreSQL with PgBouncer (the monitor's session included).
             "client_cpu_us": sum(r["cpu_s"] for r in results) / served * 1e6,
-            "server_cpu_us": (server_after - server_before) / served * 1e6,
+            "server_cpu_us": (server_after["postgres"] - server_before["postgres"]
+                              + server_after["pgbouncer"] - server_before["pgbouncer"]) / served * 1e6,
+            "bouncer_cpu_us": (server_after["pgbouncer"] - server_before["pgbouncer"]) / served * 1e6,
             "switches": sum(r["switches"] for r in results) / served,
         }
 
@@ -412,11 +468,15 @@ class Bench:
             # The budget check (postgrespool.E001) counts the workers.
             "WEB_CONCURRENCY": str(workers),
         }
+        if workers > 1:  # the fleet: on the application's CPUs with --split-cpus
+            cmd = self.app_side(cmd)
         server = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, start_new_session=True)
         url = f"http://127.0.0.1:{port}{p.path}"
         try:
             self._wait_http(url, server, log)
             wrk = [self.wrk, "-t", str(min(2, clients)), "-c", str(clients), "--timeout", "10s"]
+            if workers > 1:
+                wrk = self.app_side(wrk)
             if workers > 1:
                 # A keep-alive connection stays with the worker that accepted it,
                 # and one worker often accepts most of wrk's 32 at once: each
@@ -527,7 +587,7 @@ def aggregate(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "errors": sum(r["errors"] for r in runs),
             "first_error": next((r["first_error"] for r in runs if r.get("first_error")), None),
         })
-        for key in ("client_cpu_us", "server_cpu_us", "switches"):
+        for key in ("client_cpu_us", "server_cpu_us", "bouncer_cpu_us", "switches"):
             if all(key in r for r in runs):
                 rows[-1][key] = sum(r[key] for r in runs) / len(runs)
     return rows
@@ -548,6 +608,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=0.5, help="seconds before measuring")
     p.add_argument("--duration", type=float, default=2.0, help="seconds measured per cell")
     p.add_argument("--out", type=Path, help="results folder (default bench/results)")
+    p.add_argument("--split-cpus", action="store_true",
+                   help="the fleet with PostgreSQL and PgBouncer on one CPU, Django and wrk on the others")
     p.add_argument("--profile", action="store_true",
                    help="record each in-process cell with py-spy into the results folder")
     p.add_argument("--in-venv", action="store_true", help=argparse.SUPPRESS)
@@ -672,7 +734,8 @@ def measure(args: argparse.Namespace) -> int:
             dbname="postgres", application_name="bench-monitor", autocommit=True,
         )
         bench = Bench(
-            args, db, monitor, http_project, {a: b.port for a, b in fleet_bouncers.items()}
+            args, db, monitor, http_project, {a: b.port for a, b in fleet_bouncers.items()},
+            [cluster.data / "postmaster.pid", *(b.dir / "pgbouncer.pid" for b in fleet_bouncers.values() if b.dir)],
         )
         print(f"==> load before: {os.getloadavg()[0]:.2f}; results in {args.out}", flush=True)
         # (driver, workload, the (alternative, clients) cells of a round, rounds)
@@ -743,6 +806,7 @@ def measure(args: argparse.Namespace) -> int:
         "quick": args.quick,
         "rounds": args.rounds,
         "fleet_rounds": args.fleet_rounds,
+        "split_cpus": args.split_cpus,
         "warmup_s": args.warmup,
         "duration_s": args.duration,
         "pool_cap": POOL_CAP,

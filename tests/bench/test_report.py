@@ -6,6 +6,9 @@ these tests only pin how its numbers are turned into the table.
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -130,10 +133,12 @@ def test_the_fleets_cpu_per_request_is_averaged_over_rounds_and_tabled() -> None
             "threads": FLEET_WORKERS * FLEET_THREADS, "seconds": 3.0, "server_conns": 20,
             "errors": 0, "first_error": None, "requests": 3000, "p50_ms": 1.0, "p99_ms": 2.0}
     rows = aggregate([
-        {**cell, "client_cpu_us": 200.0, "server_cpu_us": 50.0, "switches": 2.5},
-        {**cell, "client_cpu_us": 220.0, "server_cpu_us": 70.0, "switches": 2.7},
+        {**cell, "client_cpu_us": 200.0, "server_cpu_us": 50.0, "bouncer_cpu_us": 0.0,
+         "switches": 2.5},
+        {**cell, "client_cpu_us": 220.0, "server_cpu_us": 70.0, "bouncer_cpu_us": 0.0,
+         "switches": 2.7},
         {**cell, "alt": "pgbouncer_persistent", "client_cpu_us": 150.0, "server_cpu_us": 80.0,
-         "switches": 1.6},
+         "bouncer_cpu_us": 30.0, "switches": 1.6},
         {**cell, "workload": "F-http"},  # over HTTP: no CPU figures
     ])
     ours = next(r for r in rows if r["alt"] == "ours")
@@ -141,8 +146,9 @@ def test_the_fleets_cpu_per_request_is_averaged_over_rounds_and_tabled() -> None
     assert ours["switches"] == pytest.approx(2.6)
     assert "client_cpu_us" not in next(r for r in rows if r["workload"] == "F-http")
     text = "\n".join(report.fleet_cpu(rows, {"thread_us": 19.6, "process_us": 24.9}))
-    assert "| **django-postgrespool** | 210 | 60 | 270 | 2.60 |" in text
-    assert "| PgBouncer, persistent clients | 150 | 80 | 230 | 1.60 |" in text
+    assert "| **django-postgrespool** | 210 | 60 | 0 | 270 | 2.60 |" in text
+    # PostgreSQL's share and PgBouncer's, apart; the total has both.
+    assert "| PgBouncer, persistent clients | 150 | 50 | 30 | 230 | 1.60 |" in text
     assert "Waking a sleeping thread costs 19.6 µs of CPU" in text
     assert report.fleet_cpu([r for r in rows if r["workload"] == "F-http"], {}) == []
 
@@ -164,4 +170,51 @@ def test_server_cpu_counts_postgresql_and_pgbouncer_processes_only() -> None:
     deadline = time.process_time() + 0.2
     while time.process_time() < deadline:
         pass
-    assert server_cpu() - before < 0.15
+    after = server_cpu()
+    assert set(after) == {"postgres", "pgbouncer"}
+    assert sum(after.values()) - sum(before.values()) < 0.15
+
+
+def test_split_cpus_needs_two_cpus_and_gives_the_first_to_the_servers(monkeypatch) -> None:
+    import run
+
+    monkeypatch.setattr(run.os, "sched_getaffinity", lambda pid: {3, 1, 2})
+    assert run.split_cpus() == ({1}, {2, 3})
+    monkeypatch.setattr(run.os, "sched_getaffinity", lambda pid: {0})
+    with pytest.raises(run.HarnessError, match="--split-cpus needs two CPUs"):
+        run.split_cpus()
+
+
+def test_pin_servers_moves_a_server_and_its_children_only(tmp_path) -> None:
+    import run
+
+    cpus = sorted(os.sched_getaffinity(0))
+    # Processes named "postgres" (what /proc says): a "postmaster" and its
+    # child; and a third one, named so too, that is not theirs.
+    fake = tmp_path / "postgres"
+    shutil.copy(shutil.which("sh"), fake)
+    server = subprocess.Popen([str(fake), "-c", f"{fake} -c 'sleep 30; :' & wait"])
+    stranger = subprocess.Popen([str(fake), "-c", "sleep 30; :"])
+    try:
+        deadline = time.monotonic() + 5
+        child = None
+        while child is None and time.monotonic() < deadline:
+            child = next((
+                pid for pid, stat in run.server_processes().items()
+                if stat[stat.rindex(")") + 2:].split()[1] == str(server.pid)
+            ), None)
+            time.sleep(0.02)
+        assert child is not None, "the fake server's child did not start"
+        pidfile = tmp_path / "postmaster.pid"
+        pidfile.write_text(f"{server.pid}\n/data\n")
+        run.pin_servers({cpus[0]}, [pidfile])
+        assert os.sched_getaffinity(server.pid) == {cpus[0]}
+        assert os.sched_getaffinity(child) == {cpus[0]}
+        assert os.sched_getaffinity(stranger.pid) == set(cpus)
+        with pytest.raises(run.HarnessError, match="no pid in"):
+            run.pin_servers({cpus[0]}, [tmp_path / "missing.pid"])
+    finally:
+        for p in (server, stranger):
+            p.kill()
+            p.wait()
+        subprocess.run(["pkill", "-f", f"{fake} -c sleep"], check=False)
