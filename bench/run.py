@@ -178,7 +178,7 @@ def read_line(proc: subprocess.Popen[str], wanted: Any) -> str:
 
 
 def server_processes() -> dict[int, str]:
-    """Return the pid → name of every PostgreSQL and PgBouncer process on the machine."""
+    """Return the pid → ``/proc/PID/stat`` line of every PostgreSQL and PgBouncer process."""
     found = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -371,8 +371,10 @@ class Bench:
             # py-spy's collapsed stacks of the first process (see bench/profile.py).
             a.out.mkdir(parents=True, exist_ok=True)
             spy = str(venv_python("psycopg").parent / "py-spy")
-            cmds[0] = [spy, "record", "--format", "raw", "--rate", "250", "--gil", "--nonblocking",
-                       "-o", str(a.out / f"profile-{driver}-fleet-one-{alt}.txt"), "--", *cmd]
+            cmds[0] = self.app_side([
+                spy, "record", "--format", "raw", "--rate", "250", "--gil", "--nonblocking",
+                "-o", str(a.out / f"profile-{driver}-fleet-one-{alt}.txt"), "--", *cmd,
+            ])
         server_before = {"postgres": 0.0, "pgbouncer": 0.0}
         procs = [
             subprocess.Popen(c, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
