@@ -149,3 +149,58 @@ def test_no_timing_is_lost_while_checkouts_time_during_collections():
           f"{sum(histogram.counts)} counted, {exported} exported")
     assert exported == sum(counted) == sum(histogram.counts)
     assert math.isclose(total, histogram.total, rel_tol=1e-9)
+
+
+class RacingHistogram(_Histogram):
+    """A histogram whose take() lets a checkout time itself between reading the counts and the sum.
+
+    take() reads them with no lock (the checkout path takes none): with
+    threads, a timing can land there. Here it lands there when asked.
+    """
+
+    __slots__ = ("between",)
+
+    def take(self):
+        low, high = self.low, self.high
+        self.low, self.high = float("inf"), float("-inf")
+        counts = list(self.counts)
+        between, self.between = getattr(self, "between", None), None
+        if between is not None:
+            between()
+        return counts, self.total, low, high
+
+
+@pytest.mark.parametrize("temporality", [AggregationTemporality.DELTA,
+                                         AggregationTemporality.CUMULATIVE],
+                         ids=["delta", "cumulative"])
+@pytest.mark.parametrize("first", [True, False], ids=["first-collection", "later-collection"])
+def test_a_timing_taken_between_the_counts_and_the_sum_keeps_its_seconds(temporality, first):
+    pool = FakePool("feed_between")
+    histogram = pool._histograms["wait"] = RacingHistogram("feed_between", "wait")
+    merged_provider, merged = provider(temporality)
+    otel.Instruments(merged_provider.get_meter("django_postgrespool"), sdk=True,
+                     pools=lambda: [pool])
+    exported = []
+
+    def collect():
+        point = summary(merged, "feed_between").get("wait")
+        if point:
+            exported.append(point)
+
+    histogram.observe(0.5)
+    if not first:
+        collect()
+    # The first collection has the 0.5 s timing's count (the SDK's aggregation
+    # is seeded with it), the 2.0 s one's sum only; or, later, no new count
+    # and the 2.0 s one's sum only.
+    histogram.between = lambda: histogram.observe(2.0)
+    collect()
+    # Its count, with one more timing's: more than the one timing with which
+    # the SDK's aggregation may be seeded again (delta temporality).
+    histogram.observe(1.0)
+    collect()
+    if temporality is AggregationTemporality.DELTA:
+        count, total = sum(p[0] for p in exported), sum(p[2] for p in exported)
+    else:
+        count, total = exported[-1][0], exported[-1][2]
+    assert (count, total) == (3, pytest.approx(3.5))

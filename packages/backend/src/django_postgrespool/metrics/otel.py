@@ -194,6 +194,11 @@ class Instruments:
                     instrument, matches = targets[kind]
                     _add(instrument, matches, self._labels(pool.alias), new,
                          total - total_before, low, high)
+                elif total != total_before:
+                    # take() reads the counts, then the sum, with no lock:
+                    # a checkout timed in between is in the sum only. Its
+                    # seconds go with its count, at the next collection.
+                    fed[histogram] = (pool, counts, total_before)
         # A pool is held here until it is closed and drained, and its last
         # counts fed; then its entry goes when the pool is garbage-collected.
         for histogram, (pool, counts, total) in list(fed.items()):
@@ -315,9 +320,9 @@ def _add(
         real.record(seed, labels)
         counts = list(counts)
         counts[bisect.bisect_left(_BOUNDS, seed)] -= 1
+        # The other timings' sum is added below, even with no count left (a
+        # sum read ahead of its count, see _merge).
         total -= seed
-        if not any(counts):
-            return
     for match in matches:
         aggregation = _aggregation_of(match, labels)
         if aggregation is None:
