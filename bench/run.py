@@ -177,8 +177,9 @@ def read_line(proc: subprocess.Popen[str], wanted: Any) -> str:
     return "".join(seen)
 
 
-def server_processes() -> dict[int, str]:
-    """Return the pid → ``/proc/PID/stat`` line of every PostgreSQL and PgBouncer process."""
+def server_processes() -> dict[int, tuple[str, list[str]]]:
+    """Return the pid → (name, the ``/proc/PID/stat`` fields after it) of every
+    PostgreSQL and PgBouncer process (fields[1] is the parent's pid)."""
     found = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -190,7 +191,7 @@ def server_processes() -> dict[int, str]:
             continue
         name = stat[stat.index("(") + 1:stat.rindex(")")]
         if name in ("postgres", "pgbouncer"):
-            found[int(entry.name)] = stat
+            found[int(entry.name)] = (name, stat[stat.rindex(")") + 2:].split())
     return found
 
 
@@ -202,9 +203,7 @@ def server_cpu() -> dict[str, float]:
     """
     tick = os.sysconf("SC_CLK_TCK")
     total = {"postgres": 0, "pgbouncer": 0}
-    for stat in server_processes().values():
-        name, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:]
-        fields = rest.split()
+    for name, fields in server_processes().values():
         total[name] += int(fields[11]) + int(fields[12])  # utime, stime
     return {name: ticks / tick for name, ticks in total.items()}
 
@@ -233,9 +232,8 @@ def pin_servers(cpus: set[int], pidfiles: list[Path]) -> None:
             roots.add(int(pidfile.read_text().split()[0]))
         except (OSError, ValueError, IndexError) as error:
             raise HarnessError(f"--split-cpus: no pid in {pidfile}: {error}") from None
-    for pid, stat in server_processes().items():
-        parent = int(stat[stat.rindex(")") + 2:].split()[1])
-        if pid in roots or parent in roots:
+    for pid, (_, fields) in server_processes().items():
+        if pid in roots or int(fields[1]) in roots:
             try:
                 os.sched_setaffinity(pid, cpus)
             except ProcessLookupError:  # it ended
@@ -432,6 +430,7 @@ class Bench:
             results.append(json.loads(lines[-1]))
         merged = sorted(x for r in results for x in r["latencies"])
         served = sum(r["served"] for r in results) or 1
+        used = {name: server_after[name] - server_before[name] for name in server_after}
         return {
             "requests": len(merged),
             "errors": sum(r["errors"] for r in results),
@@ -442,9 +441,8 @@ class Bench:
             # Where the machine's time went, per request: the Django processes,
             # and PostgreSQL with PgBouncer (the monitor's session included).
             "client_cpu_us": sum(r["cpu_s"] for r in results) / served * 1e6,
-            "server_cpu_us": (server_after["postgres"] - server_before["postgres"]
-                              + server_after["pgbouncer"] - server_before["pgbouncer"]) / served * 1e6,
-            "bouncer_cpu_us": (server_after["pgbouncer"] - server_before["pgbouncer"]) / served * 1e6,
+            "server_cpu_us": sum(used.values()) / served * 1e6,
+            "bouncer_cpu_us": used["pgbouncer"] / served * 1e6,
             "switches": sum(r["switches"] for r in results) / served,
         }
 
@@ -479,7 +477,6 @@ class Bench:
             wrk = [self.wrk, "-t", str(min(2, clients)), "-c", str(clients), "--timeout", "10s"]
             if workers > 1:
                 wrk = self.app_side(wrk)
-            if workers > 1:
                 # A keep-alive connection stays with the worker that accepted it,
                 # and one worker often accepts most of wrk's 32 at once: each
                 # request on a new connection goes to a worker with a free

@@ -200,8 +200,8 @@ def test_pin_servers_moves_a_server_and_its_children_only(tmp_path) -> None:
         child = None
         while child is None and time.monotonic() < deadline:
             child = next((
-                pid for pid, stat in run.server_processes().items()
-                if stat[stat.rindex(")") + 2:].split()[1] == str(server.pid)
+                pid for pid, (_, fields) in run.server_processes().items()
+                if fields[1] == str(server.pid)
             ), None)
             time.sleep(0.02)
         assert child is not None, "the fake server's child did not start"
