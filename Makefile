@@ -20,6 +20,10 @@ LANE := dj$(subst .,,$(DJANGO))-$(DRIVER)
 # "servers": runserver, gunicorn, uvicorn, gevent, Chromium) run in these
 # lanes only, each Django release and each driver once; one lane runs them all.
 SERVER_LANES := dj42-psycopg2 dj52-psycopg dj61-psycopg
+# Tests marked "default_lane" run once, in the default lane: those of `make
+# demo` (the lane it uses; the others serve the example in their own tests)
+# and those that do not depend on the lane's Django or driver.
+DEFAULT_LANE := $(LANE)
 LANES := $(if $(MATRIX),$(shell $(PYTHON) tests/support/lanes.py list),$(LANE))
 lane_python = $$($(PYTHON) tests/support/lanes.py python $(1))
 
@@ -37,6 +41,9 @@ test: system-deps ## Run the test suite (DJANGO=, DRIVER=, or MATRIX=1 for every
 	  marks="not reliability and not dist"; \
 	  if [ -n "$(MATRIX)" ] && [ -z "$$(echo ' $(SERVER_LANES) ' | grep -F " $$lane ")" ]; then \
 	    marks="$$marks and not servers"; \
+	  fi; \
+	  if [ -n "$(MATRIX)" ] && [ "$$lane" != "$(DEFAULT_LANE)" ]; then \
+	    marks="$$marks and not default_lane"; \
 	  fi; \
 	  echo "==> lane $$lane ($$marks)"; \
 	  py=$(call lane_python,$$lane); \

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.support import lanes
 
 HERE = Path(__file__).resolve().parent
@@ -31,6 +33,8 @@ def oldest_python() -> Path:
     return lanes.ensure_venv(VENV.name, lanes.PYTHON[django], reqs)
 
 
+# Its virtualenv is BASE_LANE's whichever lane runs it: with MATRIX=1, run once.
+@pytest.mark.default_lane
 def test_dburl_suite_passes_with_the_oldest_declared_dj_database_url(server_url):
     python = oldest_python()
     installed = subprocess.run(

@@ -9,9 +9,18 @@ import pytest
 from tests.example.helpers import ExampleDatabase
 
 
-@pytest.fixture(scope="module")
-def example_db(server_url: str) -> Iterator[ExampleDatabase]:
+@pytest.fixture(scope="session")
+def example_template(server_url: str) -> Iterator[str]:
+    """The example's database, migrated and loaded once: each module gets a copy."""
     db = ExampleDatabase(server_url)
+    db.create()
+    yield db.name
+    db.drop()
+
+
+@pytest.fixture(scope="module")
+def example_db(server_url: str, example_template: str) -> Iterator[ExampleDatabase]:
+    db = ExampleDatabase(server_url, template=example_template)
     db.create()
     yield db
     db.drop()

@@ -46,18 +46,30 @@ def manage(database_url: str, *args: str, **extra_env: str) -> subprocess.Comple
 
 
 class ExampleDatabase:
-    """A fresh database for one test module, migrated and loaded with the sample data."""
+    """A fresh database for one test module, migrated and loaded with the sample data.
 
-    def __init__(self, server_url: str) -> None:
+    With ``template`` (such a database, made once per session), a copy of
+    it: PostgreSQL copies it in a fraction of a second, where migrating and
+    loading anew starts Django twice (about 8 s a module).
+    """
+
+    def __init__(self, server_url: str, template: str | None = None) -> None:
         self.server_url = server_url
+        self.template = template
         self.name = f"example_{uuid.uuid4().hex[:8]}"
         self.url = with_database(server_url, self.name)
 
     def create(self) -> None:
         admin = connect(self.server_url)
         with admin.cursor() as cur:
-            cur.execute(f'CREATE DATABASE "{self.name}"')
+            if self.template is not None:
+                # Waits (up to 5 s) for the sessions of the commands that made it to end.
+                cur.execute(f'CREATE DATABASE "{self.name}" TEMPLATE "{self.template}"')
+            else:
+                cur.execute(f'CREATE DATABASE "{self.name}"')
         admin.close()
+        if self.template is not None:
+            return
         for args in (("migrate", "--noinput"), ("demodata",)):
             result = manage(self.url, *args)
             assert result.returncode == 0, result.stdout + result.stderr

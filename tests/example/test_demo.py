@@ -29,8 +29,9 @@ from tests.example.helpers import (
 from tests.support.db import connect
 from tests.support.pgcluster import PASSWORD
 
-# Served by real servers: in CI, in one lane per Django release and driver (Makefile).
-pytestmark = pytest.mark.servers
+# Served by real servers; with MATRIX=1 (CI), in the lane `make demo` uses by
+# default only (Makefile): the other lanes serve the example in their own tests.
+pytestmark = [pytest.mark.servers, pytest.mark.default_lane]
 
 ROOT = EXAMPLES.parent
 
