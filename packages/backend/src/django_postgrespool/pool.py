@@ -1254,8 +1254,11 @@ def _poller(lease: Lease) -> Callable[[], Any] | None:
         return None
     if _libc_poll is not None:
         fds = _PollFd(fd, select.POLLIN | select.POLLPRI, 0)
-        readable: Callable[[], Any] = functools.partial(_libc_poll, ctypes.addressof(fds), 1, 0)
-        readable.fds = fds  # type: ignore[attr-defined]  # lives as long as what points to it
+        # The arguments are C values made once (byref keeps fds alive): ctypes
+        # converts none at each call, 1.4 us instead of 2.4 on one core.
+        readable: Callable[[], Any] = functools.partial(
+            _libc_poll, ctypes.byref(fds), ctypes.c_ulong(1), ctypes.c_int(0)
+        )
     else:
         poll_object = select.poll()
         poll_object.register(fd, select.POLLIN | select.POLLPRI)
@@ -1283,7 +1286,8 @@ def _libc_poll_function() -> Any:
         poll = ctypes.PyDLL(None).poll  # PyDLL: the GIL is not released
     except Exception:  # pragma: no cover - no C library with poll() here (Windows)
         return None
-    poll.argtypes = (ctypes.c_void_p, ctypes.c_ulong, ctypes.c_int)
+    # No argtypes: _poller passes C values (struct pollfd *, nfds_t, int)
+    # made once, which ctypes hands over as they are.
     poll.restype = ctypes.c_int
     return poll
 
