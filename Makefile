@@ -22,7 +22,8 @@ LANE := dj$(subst .,,$(DJANGO))-$(DRIVER)
 SERVER_LANES := dj42-psycopg2 dj52-psycopg dj61-psycopg
 # Tests marked "default_lane" run once, in the default lane: those of `make
 # demo` (the lane it uses; the others serve the example in their own tests)
-# and those that do not depend on the lane's Django or driver.
+# and those that do not depend on the lane's Django or driver. The default
+# lane serves the example too, whichever lane DJANGO= and DRIVER= pick.
 DEFAULT_LANE := $(LANE)
 LANES := $(if $(MATRIX),$(shell $(PYTHON) tests/support/lanes.py list),$(LANE))
 lane_python = $$($(PYTHON) tests/support/lanes.py python $(1))
@@ -39,7 +40,7 @@ system-deps: ## Install the Debian packages the suites use (PostGIS, PgBouncer, 
 test: system-deps ## Run the test suite (DJANGO=, DRIVER=, or MATRIX=1 for every lane), then the legacy lane
 	@for lane in $(LANES); do \
 	  marks="not reliability and not dist"; \
-	  if [ -n "$(MATRIX)" ] && [ -z "$$(echo ' $(SERVER_LANES) ' | grep -F " $$lane ")" ]; then \
+	  if [ -n "$(MATRIX)" ] && [ -z "$$(echo ' $(SERVER_LANES) $(DEFAULT_LANE) ' | grep -F " $$lane ")" ]; then \
 	    marks="$$marks and not servers"; \
 	  fi; \
 	  if [ -n "$(MATRIX)" ] && [ "$$lane" != "$(DEFAULT_LANE)" ]; then \
