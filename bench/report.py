@@ -232,20 +232,33 @@ def fleet_cpu(rows: list[dict[str, Any]], wake: dict[str, float]) -> list[str]:
         "",
         "CPU time over the whole run of each cell (warm-up included) ÷ the requests served: the "
         "Django processes (user + system), every PostgreSQL process, every PgBouncer process; "
-        "context switches of the Django processes. Means of the rounds.",
+        "context switches of the Django processes (in brackets those where the CPU was taken "
+        "from them, the others are waits); the machine's CPU time left idle. Means of the rounds.",
         "",
         "| alternative | Django processes µs | PostgreSQL µs | PgBouncer µs | total µs "
-        "| context switches |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| context switches | machine idle |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for alt, r in cells:
         name = f"**{ALTERNATIVES[alt][0]}**" if alt == "ours" else ALTERNATIVES[alt][0]
         bouncer = r.get("bouncer_cpu_us", 0.0)
+        idle = f"{r['idle_share']:.1%}" if "idle_share" in r else ""
+        switches = f"{r['switches']:.2f}"
+        if "preempted" in r:
+            switches += f" ({r['preempted']:.2f})"
         out.append(
             f"| {name} | {r['client_cpu_us']:.0f} | {r['server_cpu_us'] - bouncer:.0f} "
             f"| {bouncer:.0f} | {r['client_cpu_us'] + r['server_cpu_us']:.0f} "
-            f"| {r['switches']:.2f} |"
+            f"| {switches} | {idle} |"
         )
+    ours = dict(cells).get("ours")
+    if ours is not None and "pool_waits" in ours:
+        out += [
+            "",
+            f"Our pools' checkouts: {ours['pool_affinity_hits']:.1%} took the thread's own "
+            f"last connection, {ours['pool_waits']:.1%} waited at the cap, "
+            f"{ours['pool_handoffs']:.1%} were handed a connection given back.",
+        ]
     if wake:
         out += [
             "",
@@ -253,6 +266,20 @@ def fleet_cpu(rows: list[dict[str, Any]], wake: dict[str, float]) -> list[str]:
             f"a process {wake['process_us']:.1f} µs (bench/wake.py, median of 3).",
         ]
     return ["", *out]
+
+
+def _paired(ours: dict[str, Any] | None, other: dict[str, Any]) -> str:
+    """Ours ÷ ``other`` round by round (each round runs both, back to back): median (least–most).
+
+    The machine's load moves between rounds more than between two cells of
+    one round: the spread of these ratios says how far one run's ratio can be trusted.
+    """
+    if ours is None:
+        return ""
+    pairs = [a / b for a, b in zip(ours.get("round_rps", ()), other.get("round_rps", ())) if a and b]
+    if len(pairs) < 2:
+        return ""
+    return f"{statistics.median(pairs):.2f} ({min(pairs):.2f}–{max(pairs):.2f})"
 
 
 def fleet_ratios(rows: list[dict[str, Any]]) -> tuple[str, list[str]]:
@@ -263,8 +290,8 @@ def fleet_ratios(rows: list[dict[str, Any]]) -> tuple[str, list[str]]:
     idx = _index(rows)
     out = [
         "| alternative | workload | req/s | p50 ms | p99 ms | peak server conns | errors "
-        "| ours ÷ it | target | met |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|---|",
+        "| ours ÷ it | per round | target | met |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---|---|",
     ]
     missed = []
     targets = dict(FLEET_TARGETS)
@@ -286,10 +313,11 @@ def fleet_ratios(rows: list[dict[str, Any]]) -> tuple[str, list[str]]:
                         f"(short by {minimum / ratio - 1:.0%})"
                     )
             name = f"**{ALTERNATIVES[alt][0]}**" if alt == "ours" else ALTERNATIVES[alt][0]
+            per_round = _paired(ours, r) if ratio is not None else ""
             out.append(
                 f"| {name} | {workload} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} "
                 f"| {r['server_conns']} | {r['errors']} | "
-                f"{'' if ratio is None else f'{ratio:.2f}'} | {target} | {verdict} |"
+                f"{'' if ratio is None else f'{ratio:.2f}'} | {per_round} | {target} | {verdict} |"
             )
     txn = []
     for workload in _keys(rows, "workload"):

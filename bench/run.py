@@ -208,6 +208,17 @@ def server_cpu() -> dict[str, float]:
     return {name: ticks / tick for name, ticks in total.items()}
 
 
+def machine_ticks() -> tuple[int, int]:
+    """Return the machine's idle and total CPU ticks so far (/proc/stat; zeros elsewhere)."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(x) for x in stat.readline().split()[1:]]
+    except OSError:
+        return 0, 0
+    # user nice system idle iowait irq softirq steal (guest time is in user already)
+    return fields[3] + fields[4], sum(fields[:8])
+
+
 def split_cpus() -> tuple[set[int], set[int]]:
     """The CPUs of the server side (PostgreSQL, PgBouncer) and of the application side.
 
@@ -390,6 +401,7 @@ class Bench:
                     raise HarnessError(f"{driver} F-one {alt}: a worker did not start: "
                                        f"{line}{proc.communicate(timeout=30)[1][-3000:]}")
             server_before = server_cpu()
+            ticks_before = machine_ticks()
             for proc in procs:
                 assert proc.stdin is not None
                 proc.stdin.write("go\n")
@@ -404,6 +416,7 @@ class Bench:
             finally:
                 watchdog.cancel()
             server_after = server_cpu()
+            ticks_after = machine_ticks()
             for proc in procs:
                 assert proc.stdin is not None
                 try:
@@ -444,6 +457,16 @@ class Bench:
             "server_cpu_us": sum(used.values()) / served * 1e6,
             "bouncer_cpu_us": used["pgbouncer"] / served * 1e6,
             "switches": sum(r["switches"] for r in results) / served,
+            "preempted": sum(r.get("preempted", 0) for r in results) / served,
+            # The machine's CPUs left idle over the cell (any process's work counts as busy).
+            "idle_share": (ticks_after[0] - ticks_before[0])
+            / max(1, ticks_after[1] - ticks_before[1]),
+            # Ours: the share of checkouts that waited, and that were handed over.
+            **({
+                f"pool_{k}": sum(r["pool"][k] for r in results)
+                / (sum(r["pool"]["checkouts"] for r in results) or 1)
+                for k in ("waits", "handoffs", "affinity_hits")
+            } if all("pool" in r for r in results) else {}),
         }
 
     def over_http(self, driver: str, alt: str, level: int, workers: int = 1) -> dict[str, Any]:
@@ -579,6 +602,8 @@ def aggregate(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
         rows.append({
             "driver": driver, "workload": workload, "alt": alt, "threads": level,
             "rounds": len(runs),
+            # Each round's req/s, in the order of the rounds: the fleet pairs them.
+            "round_rps": [r["requests"] / r["seconds"] for r in runs],
             "rps": requests / seconds,
             "p50_ms": sum(r["p50_ms"] for r in runs) / len(runs),
             "p99_ms": sum(r["p99_ms"] for r in runs) / len(runs),
@@ -586,7 +611,9 @@ def aggregate(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "errors": sum(r["errors"] for r in runs),
             "first_error": next((r["first_error"] for r in runs if r.get("first_error")), None),
         })
-        for key in ("client_cpu_us", "server_cpu_us", "bouncer_cpu_us", "switches"):
+        for key in ("client_cpu_us", "server_cpu_us", "bouncer_cpu_us", "switches", "preempted",
+                    "idle_share",
+                    "pool_waits", "pool_handoffs", "pool_affinity_hits"):
             if all(key in r for r in runs):
                 rows[-1][key] = sum(r[key] for r in runs) / len(runs)
     return rows

@@ -134,9 +134,14 @@ def main() -> int:
         "served": sum(served),
         "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
         "switches": (after.ru_nvcsw - before.ru_nvcsw) + (after.ru_nivcsw - before.ru_nivcsw),
+        "preempted": after.ru_nivcsw - before.ru_nivcsw,  # involuntary: the CPU was taken away
     }
     if args.raw:
         result["latencies"] = merged
+    pool = getattr(connections["default"], "_pool", None)  # ours: how checkouts were served
+    if pool is not None:
+        stats = pool.stats()
+        result["pool"] = {k: stats[k] for k in ("checkouts", "affinity_hits", "handoffs", "waits")}
     print(json.dumps(result), flush=True)
     if stuck:
         os._exit(0)

@@ -117,6 +117,27 @@ def test_fleet_ratios_compare_ours_with_pgbouncer_and_djangos_pool() -> None:
     assert "F-http" not in report.ratios(rows)[0]
 
 
+def test_fleet_ratios_pair_the_rounds_ours_against_each_alternative() -> None:
+    cell = {"driver": "psycopg", "workload": "F-one", "threads": FLEET_WORKERS * FLEET_THREADS,
+            "seconds": 2.0, "server_conns": FLEET_CONNS, "errors": 0, "first_error": None,
+            "p50_ms": 1.0, "p99_ms": 2.0}
+    ours = [2000, 1800, 2400]  # req/s of each round
+    bouncer = [2000, 2000, 2000]
+    cells = [
+        {**cell, "alt": alt, "requests": rps * 2}
+        for round_ in range(3)
+        for alt, rps in (("ours", ours[round_]), ("pgbouncer_persistent", bouncer[round_]))
+    ]
+    # A round whose cell could not be measured (0 requests) pairs with nothing.
+    cells.append({**cell, "alt": "ours", "requests": 0})
+    cells.append({**cell, "alt": "pgbouncer_persistent", "requests": 5000})
+    rows = aggregate(cells)
+    assert next(r for r in rows if r["alt"] == "ours")["round_rps"] == [2000, 1800, 2400, 0]
+    table, _ = report.fleet_ratios(rows)
+    # ours ÷ it over all rounds 1550 ÷ 2125, round by round 1.0, 0.9, 1.2: median (least–most).
+    assert "| 0.73 | 1.00 (0.90–1.20) | ≥ 1.0× | **no** |" in table
+
+
 def test_cycle_figures_give_what_metrics_add_per_request_against_the_target() -> None:
     cycle = {"off": [2.0, 2.2, 2.1], "merge": [2.1, 2.3, 2.2], "replay": [15.0, 16.0, 15.5]}
     text = "\n".join(report.cycle_figures(cycle))
@@ -134,9 +155,11 @@ def test_the_fleets_cpu_per_request_is_averaged_over_rounds_and_tabled() -> None
             "errors": 0, "first_error": None, "requests": 3000, "p50_ms": 1.0, "p99_ms": 2.0}
     rows = aggregate([
         {**cell, "client_cpu_us": 200.0, "server_cpu_us": 50.0, "bouncer_cpu_us": 0.0,
-         "switches": 2.5},
+         "switches": 2.5, "preempted": 0.5, "idle_share": 0.01, "pool_waits": 0.05, "pool_handoffs": 0.04,
+         "pool_affinity_hits": 0.9},
         {**cell, "client_cpu_us": 220.0, "server_cpu_us": 70.0, "bouncer_cpu_us": 0.0,
-         "switches": 2.7},
+         "switches": 2.7, "preempted": 0.7, "idle_share": 0.03, "pool_waits": 0.07, "pool_handoffs": 0.06,
+         "pool_affinity_hits": 0.92},
         {**cell, "alt": "pgbouncer_persistent", "client_cpu_us": 150.0, "server_cpu_us": 80.0,
          "bouncer_cpu_us": 30.0, "switches": 1.6},
         {**cell, "workload": "F-http"},  # over HTTP: no CPU figures
@@ -146,9 +169,12 @@ def test_the_fleets_cpu_per_request_is_averaged_over_rounds_and_tabled() -> None
     assert ours["switches"] == pytest.approx(2.6)
     assert "client_cpu_us" not in next(r for r in rows if r["workload"] == "F-http")
     text = "\n".join(report.fleet_cpu(rows, {"thread_us": 19.6, "process_us": 24.9}))
-    assert "| **django-postgrespool** | 210 | 60 | 0 | 270 | 2.60 |" in text
-    # PostgreSQL's share and PgBouncer's, apart; the total has both.
-    assert "| PgBouncer, persistent clients | 150 | 50 | 30 | 230 | 1.60 |" in text
+    assert "| **django-postgrespool** | 210 | 60 | 0 | 270 | 2.60 (0.60) | 2.0% |" in text
+    # PostgreSQL's share and PgBouncer's, apart; the total has both. An
+    # older run's cell, without the machine's idle time (nor the preemptions), leaves it blank.
+    assert "| PgBouncer, persistent clients | 150 | 50 | 30 | 230 | 1.60 |  |" in text
+    assert ("Our pools' checkouts: 91.0% took the thread's own last connection, 6.0% waited "
+            "at the cap, 5.0% were handed a connection given back.") in text
     assert "Waking a sleeping thread costs 19.6 µs of CPU" in text
     assert report.fleet_cpu([r for r in rows if r["workload"] == "F-http"], {}) == []
 
