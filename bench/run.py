@@ -458,9 +458,11 @@ class Bench:
             "bouncer_cpu_us": used["pgbouncer"] / served * 1e6,
             "switches": sum(r["switches"] for r in results) / served,
             "preempted": sum(r.get("preempted", 0) for r in results) / served,
-            # The machine's CPUs left idle over the cell (any process's work counts as busy).
-            "idle_share": (ticks_after[0] - ticks_before[0])
-            / max(1, ticks_after[1] - ticks_before[1]),
+            # The machine's CPUs left idle over the cell (any process's work counts as
+            # busy); none where /proc/stat cannot be read.
+            **({"idle_share": (ticks_after[0] - ticks_before[0])
+                / (ticks_after[1] - ticks_before[1])}
+               if ticks_after[1] > ticks_before[1] else {}),
             # Ours: the share of checkouts that waited, and that were handed over.
             **({
                 f"pool_{k}": sum(r["pool"][k] for r in results)

@@ -201,6 +201,16 @@ def test_server_cpu_counts_postgresql_and_pgbouncer_processes_only() -> None:
     assert sum(after.values()) - sum(before.values()) < 0.15
 
 
+def test_machine_ticks_count_idle_time_within_all_time() -> None:
+    from run import machine_ticks
+
+    idle0, total0 = machine_ticks()
+    time.sleep(0.1)  # this process sleeps: the machine's clock ticks on
+    idle1, total1 = machine_ticks()
+    assert 0 < idle0 <= total0
+    assert total1 > total0 and 0 <= idle1 - idle0 <= total1 - total0
+
+
 def test_split_cpus_needs_two_cpus_and_gives_the_first_to_the_servers(monkeypatch) -> None:
     import run
 
