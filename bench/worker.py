@@ -138,8 +138,9 @@ def main() -> int:
     }
     if args.raw:
         result["latencies"] = merged
-    pool = getattr(connections["default"], "_pool", None)  # ours: how checkouts were served
-    if pool is not None:
+    # Ours: how the checkouts were served (the process's one pool of 'default').
+    pool = getattr(connections["default"], "_pool", None)
+    if pool is not None and type(pool).__module__ == "django_postgrespool.pool":
         stats = pool.stats()
         result["pool"] = {k: stats[k] for k in ("checkouts", "affinity_hits", "handoffs", "waits")}
     print(json.dumps(result), flush=True)
