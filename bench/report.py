@@ -220,6 +220,35 @@ def cycle_figures(cycle: dict[str, list[float]]) -> list[str]:
     return out
 
 
+def tax_figures(tax: dict[str, list[dict[str, float]]]) -> list[str]:
+    """The pool's tax inside a real request (bench/tax.py): medians of the alternating rounds."""
+    base, ours = tax.get("persistent") or [], tax.get("ours") or []
+    if not base or not ours:
+        return []
+
+    def median(variant: str, key: str) -> float:
+        return statistics.median(r[key] for r in tax[variant])
+
+    lines = [
+        f"- The pool's tax inside a real request (bench/tax.py: one thread, the one-query request "
+        f"through Django's request signals; process CPU time per request, median of {len(ours)} "
+        f"alternating round(s)): {median('persistent', 'cpu_us'):.1f} µs with a persistent "
+        f"connection, {median('ours', 'cpu_us'):.1f} µs with ours "
+        f"({median('ours', 'cpu_us') - median('persistent', 'cpu_us'):+.1f} µs)"
+    ]
+    if tax.get("ours_no_ping"):
+        lines[0] += (f", {median('ours_no_ping', 'cpu_us'):.1f} µs with pre_ping=False "
+                     f"({median('ours_no_ping', 'cpu_us') - median('persistent', 'cpu_us'):+.1f} µs)")
+    lines[0] += "."
+    lines.append(
+        f"  - Phase by phase: borrowing (ensure_connection) {median('ours', 'borrow_us'):.1f} µs "
+        f"against {median('persistent', 'borrow_us'):.1f}, the request's end (request_finished, "
+        f"the connection given back) {median('ours', 'end_us'):.1f} µs against "
+        f"{median('persistent', 'end_us'):.1f}."
+    )
+    return lines
+
+
 def fleet_cpu(rows: list[dict[str, Any]], wake: dict[str, float]) -> list[str]:
     """Where an F-one request's CPU time goes, per alternative (run.py's accounting)."""
     idx = _index([r for r in rows if r["workload"] == "F-one" and "client_cpu_us" in r])
@@ -475,6 +504,7 @@ def write(out: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             "",
             *pool_figures(rows),
             *cycle_figures(meta.get("cycle") or {}),
+            *tax_figures(meta.get("tax") or {}),
             "",
         ] if ab else []),
         *([

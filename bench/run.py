@@ -39,6 +39,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 BENCH = Path(__file__).resolve().parent
@@ -672,6 +673,31 @@ def measure_cycle(db: dict[str, Any], rounds: int, cycles: int = 20_000) -> dict
     return out
 
 
+TAX_VARIANTS = ("persistent", "ours", "ours_no_ping")
+
+
+def measure_tax(
+    db: dict[str, Any], rounds: int, requests: int, app_side: Callable[[list[str]], list[str]]
+) -> dict[str, list[dict[str, float]]]:
+    """The pool's tax inside a real request (tax.py), the variants alternating round by round."""
+    out: dict[str, list[dict[str, float]]] = {v: [] for v in TAX_VARIANTS}
+    env = {**os.environ, "BENCH_DB": json.dumps({**db, "driver": "psycopg"}),
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    for round_ in range(rounds):
+        shift = round_ % len(TAX_VARIANTS)
+        for variant in TAX_VARIANTS[shift:] + TAX_VARIANTS[:shift]:
+            done = subprocess.run(
+                app_side([sys.executable, str(BENCH / "tax.py"), variant, str(requests)]),
+                env=env, capture_output=True, text=True, timeout=600,
+            )
+            if done.returncode:
+                raise HarnessError(f"tax.py {variant} failed: {done.stderr[-2000:]}")
+            out[variant].append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"  tax round {round_ + 1}: " + ", ".join(
+            f"{v} {out[v][-1]['cpu_us']:.1f} µs" for v in TAX_VARIANTS), flush=True)
+    return out
+
+
 def measure_wake(rounds: int) -> dict[str, float]:
     """The CPU cost of waking a thread, and a process (wake.py): the median of ``rounds``."""
     runs = []
@@ -719,6 +745,7 @@ def measure(args: argparse.Namespace) -> int:
     monitor = None
     cells: list[dict[str, Any]] = []
     cycle: dict[str, list[float]] = {}
+    tax: dict[str, list[dict[str, float]]] = {}
     wake: dict[str, float] = {}
     http_project = HttpProject()
     broken: list[str] = []
@@ -819,6 +846,9 @@ def measure(args: argparse.Namespace) -> int:
                     )
         if "A-one" in args.workloads and {"ours", "ours_metrics"} <= set(args.alts):
             cycle = measure_cycle(db, rounds=3 if args.quick else 15)
+        if "A-one" in args.workloads and {"ours", "persistent"} <= set(args.alts):
+            tax = measure_tax(db, rounds=1 if args.quick else 5,
+                              requests=1_000 if args.quick else 4_000, app_side=bench.app_side)
         if "F-one" in args.workloads and not args.quick:
             wake = measure_wake(rounds=3)
     finally:
@@ -844,6 +874,7 @@ def measure(args: argparse.Namespace) -> int:
         "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
         "versions": report.versions(args.drivers, venv_python),
         "cycle": cycle,
+        "tax": tax,
         "wake": wake,
     }
     args.out.mkdir(parents=True, exist_ok=True)

@@ -149,6 +149,23 @@ def test_cycle_figures_give_what_metrics_add_per_request_against_the_target() ->
     assert report.cycle_figures({}) == []
 
 
+def test_tax_figures_give_the_medians_against_a_persistent_connection() -> None:
+    def run(cpu: float, borrow: float, end: float) -> dict[str, float]:
+        return {"cpu_us": cpu, "borrow_us": borrow, "end_us": end}
+
+    tax = {
+        "persistent": [run(120, 0.5, 20), run(118, 0.4, 21), run(125, 0.6, 22)],
+        "ours": [run(141, 14, 30), run(150, 15, 31), run(139, 13, 29)],
+        "ours_no_ping": [run(133, 9, 30), run(130, 8, 30), run(136, 10, 31)],
+    }
+    text = "\n".join(report.tax_figures(tax))
+    assert "median of 3 alternating round(s)): 120.0 µs with a persistent connection" in text
+    assert "141.0 µs with ours (+21.0 µs), 133.0 µs with pre_ping=False (+13.0 µs)." in text
+    assert "borrowing (ensure_connection) 14.0 µs against 0.5" in text
+    assert "the connection given back) 30.0 µs against 21.0." in text
+    assert report.tax_figures({}) == []
+
+
 def test_the_fleets_cpu_per_request_is_averaged_over_rounds_and_tabled() -> None:
     cell = {"driver": "psycopg", "workload": "F-one", "alt": "ours",
             "threads": FLEET_WORKERS * FLEET_THREADS, "seconds": 3.0, "server_conns": 20,
