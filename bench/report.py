@@ -229,17 +229,19 @@ def tax_figures(tax: dict[str, list[dict[str, float]]]) -> list[str]:
     def median(variant: str, key: str) -> float:
         return statistics.median(r[key] for r in tax[variant])
 
+    def cost(variant: str, label: str) -> str:
+        cpu = median(variant, "cpu_us")
+        return f"{cpu:.1f} µs {label} ({cpu - median('persistent', 'cpu_us'):+.1f} µs)"
+
+    variants = [cost("ours", "with ours")]
+    if tax.get("ours_no_ping"):
+        variants.append(cost("ours_no_ping", "with pre_ping=False"))
     lines = [
         f"- The pool's tax inside a real request (bench/tax.py: one thread, the one-query request "
         f"through Django's request signals; process CPU time per request, median of {len(ours)} "
         f"alternating round(s)): {median('persistent', 'cpu_us'):.1f} µs with a persistent "
-        f"connection, {median('ours', 'cpu_us'):.1f} µs with ours "
-        f"({median('ours', 'cpu_us') - median('persistent', 'cpu_us'):+.1f} µs)"
+        f"connection, {', '.join(variants)}."
     ]
-    if tax.get("ours_no_ping"):
-        lines[0] += (f", {median('ours_no_ping', 'cpu_us'):.1f} µs with pre_ping=False "
-                     f"({median('ours_no_ping', 'cpu_us') - median('persistent', 'cpu_us'):+.1f} µs)")
-    lines[0] += "."
     lines.append(
         f"  - Phase by phase: borrowing (ensure_connection) {median('ours', 'borrow_us'):.1f} µs "
         f"against {median('persistent', 'borrow_us'):.1f}, the request's end (request_finished, "

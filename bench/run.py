@@ -38,8 +38,8 @@ import tempfile
 import threading
 import time
 import urllib.request
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 BENCH = Path(__file__).resolve().parent
