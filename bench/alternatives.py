@@ -36,13 +36,27 @@ ALTERNATIVES: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 # Extra cells, next to 'ours' at one level only (run.py): the cost of metrics.
 EXTRA_CELLS = ("ours_metrics",)
-# Run in the fleet workloads only (and every one of them there, but no_pooling,
-# persistent and django-db-connection-pool, which cannot share 20 connections
-# among 32 threads or are covered by the other workloads).
+# Run in the fleet workloads only; the fleet runs FLEET_ALTERNATIVES (not
+# no_pooling nor django-db-connection-pool, which cannot share 20 connections
+# among 32 threads or are covered by the other workloads; persistent as a
+# reference in F-one).
 FLEET_ONLY = ("pgbouncer_persistent", "ours_pgbouncer", "ours_txn")
 FLEET_ALTERNATIVES = (
     "pgbouncer_persistent", "native_pool", "ours_pgbouncer", "pgbouncer", "ours", "ours_txn",
+    "persistent",
 )
+# In F-one only, as a reference: Django's persistent connections straight to
+# PostgreSQL, one per thread (FLEET_WORKERS * FLEET_THREADS server connections,
+# over the budget). No pool at all: what an in-process pool that cost nothing
+# would serve, the ceiling of any.
+FLEET_ONE_ONLY = ("persistent",)
+# Their names in the fleet's tables, where they differ from ALTERNATIVES'.
+FLEET_LABELS = {
+    "persistent": (
+        f"no pool: a direct connection per thread ({FLEET_WORKERS * FLEET_THREADS} server "
+        f"connections, over the budget)"
+    ),
+}
 # PgBouncer alternatives: each has a PgBouncer of its own, so that the server
 # sessions it holds carry its application_name alone.
 BOUNCED = ("pgbouncer", "pgbouncer_persistent", "ours_pgbouncer")

@@ -9,7 +9,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from alternatives import ALTERNATIVES, FLEET_CONNS, FLEET_THREADS, FLEET_WORKERS, POOL_CAP
+from alternatives import (
+    ALTERNATIVES,
+    FLEET_CONNS,
+    FLEET_LABELS,
+    FLEET_THREADS,
+    FLEET_WORKERS,
+    POOL_CAP,
+)
 
 WORKLOAD_LABELS = {
     "A-one": "A, in process, one query",
@@ -39,6 +46,12 @@ FLEET_CLIENTS = FLEET_WORKERS * FLEET_THREADS
 
 def is_fleet(row: dict[str, Any]) -> bool:
     return str(row["workload"]).startswith("F-")
+
+
+def display_name(alt: str, fleet: bool = False) -> str:
+    """The name of ``alt`` in a table (ours in bold); ``fleet``: in the fleet's tables."""
+    name = (FLEET_LABELS.get(alt) if fleet else None) or ALTERNATIVES[alt][0]
+    return f"**{name}**" if alt == "ours" else name
 
 
 def versions(drivers: list[str], venv_python: Callable[[str], Path]) -> dict[str, str]:
@@ -92,7 +105,7 @@ def table(rows: list[dict[str, Any]]) -> str:
                     r = idx.get((driver, workload, alt, level))
                     if r is None:
                         continue
-                    name = f"**{ALTERNATIVES[alt][0]}**" if alt == "ours" else ALTERNATIVES[alt][0]
+                    name = display_name(alt)
                     out.append(
                         f"| {name} | {level} | {r['rps']:.0f} | {r['p50_ms']:.2f} | "
                         f"{r['p99_ms']:.2f} | {r['server_conns']} | {r['errors']} |"
@@ -271,7 +284,7 @@ def fleet_cpu(rows: list[dict[str, Any]], wake: dict[str, float]) -> list[str]:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for alt, r in cells:
-        name = f"**{ALTERNATIVES[alt][0]}**" if alt == "ours" else ALTERNATIVES[alt][0]
+        name = display_name(alt, fleet=True)
         bouncer = r.get("bouncer_cpu_us", 0.0)
         idle = f"{r['idle_share']:.1%}" if "idle_share" in r else ""
         switches = f"{r['switches']:.2f}"
@@ -343,7 +356,7 @@ def fleet_ratios(rows: list[dict[str, Any]]) -> tuple[str, list[str]]:
                         f"{workload}: ours ÷ {alt} = {ratio:.2f}, target ≥ {minimum} "
                         f"(short by {minimum / ratio - 1:.0%})"
                     )
-            name = f"**{ALTERNATIVES[alt][0]}**" if alt == "ours" else ALTERNATIVES[alt][0]
+            name = display_name(alt, fleet=True)
             per_round = _paired(ours, r) if ratio is not None else ""
             out.append(
                 f"| {name} | {workload} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} "
@@ -362,7 +375,30 @@ def fleet_ratios(rows: list[dict[str, Any]]) -> tuple[str, list[str]]:
             txn.append(f"- {workload}: ours with lease='transaction' ÷ {', ÷ '.join(parts)}.")
     if txn:
         out += ["", *txn]
+    out += ceiling(idx)
     return "\n".join(out), missed
+
+
+def ceiling(idx: dict[tuple[str, str, str, int], dict[str, Any]]) -> list[str]:
+    """F-one's reference row read against PgBouncer's clients: what no pool at all serves.
+
+    One persistent direct connection per thread is what an in-process pool
+    that cost nothing would be: it ÷ PgBouncer's clients bounds what any
+    in-process pool can reach against them on this machine.
+    """
+    direct, bouncer = (idx.get(("psycopg", "F-one", alt, FLEET_CLIENTS))
+                       for alt in ("persistent", "pgbouncer_persistent"))
+    if not (direct and bouncer and direct["rps"] and bouncer["rps"]):
+        return []
+    per_round = _paired(direct, bouncer)
+    return [
+        "",
+        f"- F-one, the ceiling of any in-process pool: no pool at all (a direct persistent "
+        f"connection per thread, {direct['server_conns']} server connections) served "
+        f"{direct['rps'] / bouncer['rps']:.2f}× PgBouncer's clients"
+        + (f" (per round {per_round})" if per_round else "")
+        + "; ours ÷ it is in the table.",
+    ]
 
 
 def rst(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
@@ -382,7 +418,7 @@ def rst(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
                 cells = [idx.get((driver, workload, alt, n)) for n in levels]
                 if not any(cells):
                     continue
-                name = f"**{ALTERNATIVES[alt][0]}**" if alt == "ours" else ALTERNATIVES[alt][0]
+                name = display_name(alt)
                 out.append(f"   * - {name}")
                 for c in cells:
                     text = f"{c['rps']:.0f} ({c['server_conns']})" if c else "–"
@@ -403,8 +439,7 @@ def rst(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             cells = [fidx.get(("psycopg", w, alt, FLEET_CLIENTS)) for w in workloads]
             if not any(cells):
                 continue
-            name = f"**{ALTERNATIVES[alt][0]}**" if alt == "ours" else ALTERNATIVES[alt][0]
-            out.append(f"   * - {name}")
+            out.append(f"   * - {display_name(alt, fleet=True)}")
             for c in cells:
                 text = (f"{c['rps']:.0f}, {c['p50_ms']:.1f} / {c['p99_ms']:.1f} "
                         f"({c['server_conns']})") if c else "–"

@@ -51,6 +51,7 @@ from alternatives import (  # noqa: E402
     ALTERNATIVES,
     BOUNCED,
     FLEET_CONNS,
+    FLEET_ONE_ONLY,
     FLEET_THREADS,
     FLEET_WORKERS,
     POOL_CAP,
@@ -63,8 +64,9 @@ FLEET_DRIVER = "psycopg"  # Django's pool needs psycopg 3
 LEVELS = (1, 4, 16, 64)
 DATABASE = "bench"
 QUICK_ALTS = ("persistent", "ours")
-# The short run's fleet: the three alternatives the targets name, and both layers.
-QUICK_FLEET_ALTS = ("pgbouncer_persistent", "native_pool", "ours_pgbouncer", "ours")
+# The short run's fleet: the three alternatives the targets name, both layers,
+# and (F-one) the ceiling of any in-process pool.
+QUICK_FLEET_ALTS = ("pgbouncer_persistent", "native_pool", "ours_pgbouncer", "ours", "persistent")
 COMMON = [
     "Django>=5.2,<5.3",
     "SQLAlchemy>=2.1,<2.2",
@@ -818,7 +820,8 @@ def measure(args: argparse.Namespace) -> int:
         for workload in args.workloads:
             if is_fleet(workload) and fleet_alts:
                 clients = FLEET_WORKERS * FLEET_THREADS
-                pairs = [(alt, clients) for alt in fleet_alts]
+                pairs = [(alt, clients) for alt in fleet_alts
+                         if workload == "F-one" or alt not in FLEET_ONE_ONLY]
                 plans.append((FLEET_DRIVER, workload, pairs, args.fleet_rounds))
         for driver, workload, pairs, rounds in plans:
             for round_ in range(rounds):

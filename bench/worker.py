@@ -61,6 +61,13 @@ def main() -> int:
     first_error: list[str] = []
     barrier = threading.Barrier(args.threads + 1)
     window: dict[str, float] = {}
+    finished = [threading.Event() for _ in range(args.threads)]
+    # With --sync a thread keeps its connection until the fleet has read the
+    # server's CPU time: a persistent connection closed at once would take its
+    # backend's CPU time with it.
+    release = threading.Event()
+    if not args.sync:
+        release.set()
 
     def run(n: int) -> None:
         mine = latencies[n]
@@ -93,6 +100,8 @@ def main() -> int:
                     errors[n] += 1
                 else:
                     mine.append(t1 - t0)
+        finished[n].set()
+        release.wait()
         connections.close_all()
 
     # The first request imports the backend and builds its pool: not measured.
@@ -115,10 +124,10 @@ def main() -> int:
     before = resource.getrusage(resource.RUSAGE_SELF)
     barrier.wait()
     deadline = time.monotonic() + args.duration + 30
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
+    for done in finished:
+        done.wait(max(0.0, deadline - time.monotonic()))
     after = resource.getrusage(resource.RUSAGE_SELF)
-    stuck = sum(t.is_alive() for t in threads)
+    stuck = sum(not done.is_set() for done in finished)
     if stuck and not first_error:
         first_error.append(f"{stuck} thread(s) still in a request 30 s after the end")
 
@@ -148,6 +157,9 @@ def main() -> int:
         os._exit(0)
     if args.sync:  # the fleet reads the server's CPU time before the pools close
         sys.stdin.readline()
+        release.set()
+    for t in threads:
+        t.join()
     close_pool = getattr(connections["default"], "close_pool", None)
     if close_pool is not None:
         close_pool()

@@ -86,8 +86,13 @@ def test_every_alternative_of_a_driver_has_a_databases_entry(driver: str) -> Non
 def test_fleet_alternatives_get_5_connections_per_worker_or_20_in_pgbouncer() -> None:
     fleet = {**DB, "cap": FLEET_CONNS // FLEET_WORKERS, "pgbouncer_port": 6433}
     assert alternatives_for("psycopg", fleet=True) == [
-        "native_pool", "pgbouncer", "pgbouncer_persistent", "ours_pgbouncer", "ours", "ours_txn"
+        "persistent", "native_pool", "pgbouncer", "pgbouncer_persistent", "ours_pgbouncer", "ours",
+        "ours_txn",
     ]
+    # The ceiling's reference: one direct connection per thread, no pool.
+    direct = database_settings("persistent", fleet)
+    assert (direct["PORT"], direct["CONN_MAX_AGE"]) == ("5432", None)
+    assert direct["ENGINE"] == "django.db.backends.postgresql" and "POOL_OPTIONS" not in direct
     assert "pgbouncer_persistent" not in alternatives_for("psycopg")
     assert "ours_txn" not in alternatives_for("psycopg")
     assert database_settings("ours_txn", fleet)["POOL_OPTIONS"] == {
@@ -136,6 +141,34 @@ def test_fleet_ratios_pair_the_rounds_ours_against_each_alternative() -> None:
     table, _ = report.fleet_ratios(rows)
     # ours ÷ it over all rounds 1550 ÷ 2125, round by round 1.0, 0.9, 1.2: median (least–most).
     assert "| 0.73 | 1.00 (0.90–1.20) | ≥ 1.0× | **no** |" in table
+
+
+def test_the_fleet_reads_no_pool_at_all_as_the_ceiling_of_an_in_process_pool() -> None:
+    clients = FLEET_WORKERS * FLEET_THREADS
+    cell = {"driver": "psycopg", "workload": "F-one", "threads": clients, "seconds": 2.0,
+            "errors": 0, "first_error": None, "p50_ms": 1.0, "p99_ms": 2.0}
+    rounds = {
+        "ours": [1800, 1900], "pgbouncer_persistent": [2000, 2000], "persistent": [2100, 1900],
+    }
+    rows = aggregate([
+        {**cell, "alt": alt, "requests": rps * 2,
+         "server_conns": clients if alt == "persistent" else FLEET_CONNS}
+        for alt, each in rounds.items() for rps in each
+    ])
+    table, missed = report.fleet_ratios(rows)
+    # Over the budget, it is a reference: its row says so, and no target is read against it.
+    assert (f"| no pool: a direct connection per thread ({clients} server connections, over the "
+            f"budget) | F-one | 2000 | 1.00 | 2.00 | {clients} | 0 | 0.93 | 0.93 (0.86–1.00) "
+            f"|  |  |" in table)
+    assert [m.split(" ÷ ")[1].split(" ")[0] for m in missed] == ["pgbouncer_persistent"]
+    # 2000 ÷ 2000 over the run; round by round 2100 ÷ 2000 and 1900 ÷ 2000.
+    assert table.endswith(
+        f"- F-one, the ceiling of any in-process pool: no pool at all (a direct persistent "
+        f"connection per thread, {clients} server connections) served 1.00× PgBouncer's "
+        f"clients (per round 1.00 (0.95–1.05)); ours ÷ it is in the table."
+    )
+    # Without both cells, no line.
+    assert "ceiling" not in report.fleet_ratios([r for r in rows if r["alt"] != "persistent"])[0]
 
 
 def test_cycle_figures_give_what_metrics_add_per_request_against_the_target() -> None:
