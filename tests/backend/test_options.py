@@ -66,6 +66,15 @@ SRC = "DATABASES['pooled']['POOL_OPTIONS']"
             "(0: first come, first served); got True.",
         ),
         (
+            {"fair_after": float("nan")},
+            f"{SRC}: pool option 'fair_after' must be a number of seconds >= 0 "
+            "(0: first come, first served); got nan.",
+        ),
+        (
+            {"timeout": "soon"},
+            f"{SRC}: pool option 'timeout' must be a number of seconds > 0; got 'soon'.",
+        ),
+        (
             {"poolsize": 5},
             f"{SRC}: unknown pool option 'poolsize' (did you mean 'pool_size'?). {VALID}",
         ),

@@ -104,9 +104,9 @@ def _int(value, minimum):
     return int(value)
 
 
-def _seconds(value):
-    # type: (object) -> float
-    expected = "a number of seconds > 0"
+def _number(value, expected):
+    # type: (object, str) -> float
+    """``value`` as a finite float (a number, or text of one), else Invalid(expected)."""
     if isinstance(value, bool):
         raise Invalid(expected)
     if isinstance(value, _text):
@@ -117,7 +117,16 @@ def _seconds(value):
     if not isinstance(value, _integer + (float,)):
         raise Invalid(expected)
     number = float(value)
-    if math.isinf(number) or math.isnan(number) or number <= 0:
+    if math.isinf(number) or math.isnan(number):
+        raise Invalid(expected)
+    return number
+
+
+def _seconds(value):
+    # type: (object) -> float
+    expected = "a number of seconds > 0"
+    number = _number(value, expected)
+    if number <= 0:
         raise Invalid(expected)
     return number
 
@@ -125,17 +134,8 @@ def _seconds(value):
 def _fair_after(value):
     # type: (object) -> float
     expected = "a number of seconds >= 0 (0: first come, first served)"
-    if isinstance(value, bool):
-        raise Invalid(expected)
-    if isinstance(value, _text):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise Invalid(expected)
-    if not isinstance(value, _integer + (float,)):
-        raise Invalid(expected)
-    number = float(value)
-    if math.isinf(number) or math.isnan(number) or number < 0:
+    number = _number(value, expected)
+    if number < 0:
         raise Invalid(expected)
     return number
 
