@@ -278,6 +278,8 @@ def merge(alias, settings_dict, global_args, unavailable=()):
     merged = {}  # type: dict[str, Any]
     if global_args is not None:
         merged.update(normalize(global_args, "DATABASE_POOL_ARGS", unavailable))
+    if "OPTIONS" in settings_dict and not isinstance(settings_dict["OPTIONS"], _Mapping):
+        raise ImproperlyConfigured(options_type_message(alias, settings_dict["OPTIONS"]))
     in_options, _ = split(settings_dict.get("OPTIONS") or {})
     merged.update(normalize(in_options, "DATABASES[%s]['OPTIONS']" % _r(alias), unavailable))
     per_alias = settings_dict.get("POOL_OPTIONS")
@@ -379,6 +381,13 @@ def timeout_message(alias, pool_size, max_overflow, checked_out, timeout):
         % (_r(alias), checked_out, pool_size + max_overflow, pool_size, max_overflow, timeout,
            see("sizing"))
     )
+
+
+def options_type_message(alias, options):
+    # type: (str, object) -> str
+    """Return the error for an alias whose OPTIONS is not a mapping (never quoting it)."""
+    return "DATABASES[%s]['OPTIONS'] must be a dict of connection options, got %s." % (
+        _r(alias), type(options).__name__)
 
 
 def not_on_legacy_message(source, key):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from asyncio import _get_running_loop
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from threading import current_thread, get_ident
 from typing import Any, TypedDict
 
@@ -25,7 +25,12 @@ from django.db.backends.signals import connection_created
 from django.views.decorators.debug import sensitive_variables
 
 from django_postgrespool import metrics, registry
-from django_postgrespool._rules import HiddenKey, HiddenParams, pool_settings
+from django_postgrespool._rules import (
+    HiddenKey,
+    HiddenParams,
+    options_type_message,
+    pool_settings,
+)
 from django_postgrespool.errors import PoolError
 from django_postgrespool.options import POOL_OPTION_NAMES, resolve_pool_options
 from django_postgrespool.pool import _IDLE, ConnectionPool, Lease, Target
@@ -132,6 +137,7 @@ class PooledDatabaseWrapperMixin:
     def get_connection_params(self) -> dict[str, Any]:
         # No local holds the settings (nor, until nothing can raise, the
         # parameters): Django's DEBUG page shows every local of every frame.
+        self._check_options()
         if self.settings_dict["OPTIONS"].get("pool"):  # type: ignore[attr-defined]
             alias = self.alias  # type: ignore[attr-defined]
             raise ImproperlyConfigured(
@@ -435,6 +441,7 @@ class PooledDatabaseWrapperMixin:
         # when it changed. timezone_name first: it may raise, and the
         # settings (with the password) are not a local of this frame yet.
         timezone_name = self.timezone_name  # type: ignore[attr-defined]
+        self._check_options()
         sd = self.settings_dict  # type: ignore[attr-defined]
         options, pool_options = sd["OPTIONS"], sd.get("POOL_OPTIONS")
         cached = self._options_key
@@ -452,6 +459,15 @@ class PooledDatabaseWrapperMixin:
             timezone_name,
         )
 
+    def _check_options(self) -> None:
+        # Else dict() or .get() would fail on it with the settings in a
+        # local. Not bound to a local either: a conninfo string may hold the
+        # password.
+        if not isinstance(self.settings_dict["OPTIONS"], Mapping):  # type: ignore[attr-defined]
+            raise ImproperlyConfigured(
+                options_type_message(self.alias, self.settings_dict["OPTIONS"])  # type: ignore[attr-defined]
+            )
+
     @sensitive_variables()
     def _build_pool(self) -> ConnectionPool:
         # Metrics exporters, for projects without 'django_postgrespool' in
@@ -466,11 +482,14 @@ class PooledDatabaseWrapperMixin:
             pool_settings(self.settings_dict),  # type: ignore[attr-defined]
             getattr(settings, "DATABASE_POOL_ARGS", None),
         )
+        # A libpq service (OPTIONS['service']) names what the settings leave empty.
+        service = self.settings_dict["OPTIONS"].get("service")  # type: ignore[attr-defined]
+        given = f"(service {str(service)!r})" if service else None
         target = Target(
-            database=str(self.settings_dict["NAME"] or "postgres"),  # type: ignore[attr-defined]
-            host=str(self.settings_dict["HOST"] or "(default)"),  # type: ignore[attr-defined]
-            port=str(self.settings_dict["PORT"] or "5432"),  # type: ignore[attr-defined]
-            user=str(self.settings_dict["USER"] or "(default)"),  # type: ignore[attr-defined]
+            database=str(self.settings_dict["NAME"] or given or "postgres"),  # type: ignore[attr-defined]
+            host=str(self.settings_dict["HOST"] or given or "(default)"),  # type: ignore[attr-defined]
+            port=str(self.settings_dict["PORT"] or given or "5432"),  # type: ignore[attr-defined]
+            user=str(self.settings_dict["USER"] or given or "(default)"),  # type: ignore[attr-defined]
         )
         attrs = str(self.settings_dict["OPTIONS"].get("target_session_attrs", "")).lower()  # type: ignore[attr-defined]
         return ConnectionPool(

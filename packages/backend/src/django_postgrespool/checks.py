@@ -403,6 +403,8 @@ def check_proxy_in_between(
             port = _server_port(alias)
         except DatabaseError:
             continue  # postgrespool.W001 reports an unreachable server
+        except ImproperlyConfigured:
+            continue  # postgrespool.E005 reports the settings the pool refuses
         if port is None or str(port) == configured:
             continue
         messages.append(

@@ -193,9 +193,35 @@ def _hosts(netloc: str, where: str) -> tuple[str, str] | None:
             raise DatabaseURLError(
                 f"{where}: host {mask_password(item)!r} of the host list is not HOST or HOST:PORT."
             )
+        if match.group(2) and not 0 < int(match.group(2)) < 65536:
+            # As urllib refuses it on a single host, not later in libpq's words.
+            raise DatabaseURLError(
+                f"{where}: host {item!r} of the host list has port {int(match.group(2))}; "
+                f"a port is 1 to 65535."
+            )
         hosts.append(urllib.parse.unquote(match.group(1).strip("[]")))
         ports.append(match.group(2) or "")
     return ",".join(hosts), ",".join(ports) if any(ports) else ""
+
+
+def _userinfo_cut_short(split: urllib.parse.SplitResult) -> bool:
+    """Tell whether an unencoded / ? or # in the password ended the authority early.
+
+    Then the user info's "@" is left in the path, the fragment or the query's
+    first key, and pieces of the password would be read as hosts and ports.
+    """
+    if "@" in split.netloc:
+        return False
+    first_key = split.query.partition("=")[0]
+    return "@" in split.path or "@" in split.fragment or "@" in first_key
+
+
+def _not_a_url(where: str) -> DatabaseURLError:
+    return DatabaseURLError(
+        f"{where} is not a valid URL: check that the port is a number, an IPv6 host "
+        f"is in [brackets], and any of : / @ ? # % in the user name or password is "
+        f"percent-encoded (urllib.parse.quote(password, safe=''))."
+    )
 
 
 def parse(
@@ -279,6 +305,18 @@ def _parse(
         split: urllib.parse.SplitResult | None = urllib.parse.urlsplit(url)
     except ValueError:
         split = None  # dj-database-url reports it below
+    if split is not None:
+        if _userinfo_cut_short(split):
+            raise _not_a_url(where)
+        # dj-database-url drops a query key without a value: a pool option
+        # left blank would silently fall back to its default.
+        blank = {
+            key: value
+            for key, value in urllib.parse.parse_qsl(split.query, keep_blank_values=True)
+            if not value and (key in POOL_OPTION_NAMES or _looks_like_pool_option(key))
+        }
+        if blank:
+            normalize_pool_options(blank, source=where)  # raises: '' is no valid value
     hosts = _hosts(split.netloc, where) if split is not None else None
     if hosts is not None and split is not None:
         userinfo = split.netloc.rpartition("@")[0]
@@ -292,11 +330,7 @@ def _parse(
         )
     except ValueError:
         # The driver's reason may quote a piece of a badly quoted password.
-        raise DatabaseURLError(
-            f"{where} is not a valid URL: check that the port is a number, an IPv6 host "
-            f"is in [brackets], and any of : / @ ? # % in the user name or password is "
-            f"percent-encoded (urllib.parse.quote(password, safe=''))."
-        ) from None
+        raise _not_a_url(where) from None
     finally:
         _describing.reset(token)
     if hosts is not None:
