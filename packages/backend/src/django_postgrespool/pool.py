@@ -513,7 +513,11 @@ class ConnectionPool:
             if lease is None:
                 lease, source = self._checkout_slow(open_connection, asked)
                 now = time.monotonic()
-            problem = None if source == "new" else self._check(lease, now)
+            try:
+                problem = None if source == "new" else self._check(lease, now)
+            except BaseException:
+                self._retire(lease, "its check at checkout was interrupted", warn=False)
+                raise
             if problem is None:
                 if lease.verified > now:  # pinged just now: the round trip was waited for
                     now = lease.verified
@@ -678,7 +682,11 @@ class ConnectionPool:
                 self.alias,
                 owner.name,
             )
-            problem = self._reset(lease)
+            try:
+                problem = self._reset(lease)
+            except BaseException:
+                self._retire(lease, "its reset was interrupted", warn=False)
+                raise
             if problem is not None:
                 self._retire(lease, problem)
                 continue
@@ -691,16 +699,35 @@ class ConnectionPool:
         waiter = _Waiter()
         try:
             return self._wait_as(waiter, deadline, room)
+        except BaseException:
+            self._leave_line(waiter)
+            raise
         finally:
             waiter.done()
+
+    def _leave_line(self, waiter: _Waiter) -> None:
+        """Take ``waiter`` out of the line when its wait raised (a signal handler, a timeout
+        of the caller's): else the next checkin hands it a connection nobody takes."""
+        to_wake: list[_Waiter] = []
+        with self._lock:
+            served = waiter.served
+            if not served:
+                if waiter in self._waiters:  # not if it had left with a lease of its own
+                    self._waiters.remove(waiter)
+                # Whoever is first now may be due, or need to guard the line.
+                to_wake = self._serve_from_idle()
+        for other in to_wake:
+            other.wake()
+        if served:  # handed over as it gave up: pass it on
+            if waiter.lease is not None:
+                self._give_back(waiter.lease)
+            else:
+                self._signal_room()  # room to open a connection, for the next in line
 
     def _wait_as(self, waiter: _Waiter, deadline: float, room: int) -> Lease | None:
         with self._lock:
             if self._room != room:
                 return None  # a connection closed since we asked QueuePool
-            lease = self._take_idle()
-            if lease is not None:
-                return lease
             waiter.since = time.monotonic()
             # Within fair_after of joining, the first in line lets a connection
             # given back stay idle for whoever asks first (see _due), and
@@ -711,7 +738,14 @@ class ConnectionPool:
             # waited fair_after is served at every checkin and needs no
             # wake-up of its own: in a long line, that would be one per wait.
             waiter.guard = bool(self._fair_after) and waiter.bell is not None and not self._waiters
+            # In line before it looks at _idle: a checkin that takes no lock puts
+            # a connection idle, then looks at the line; one of the two sees the
+            # other (looking first, it could sleep with a connection idle).
             self._waiters.append(waiter)
+            lease = self._take_idle()
+            if lease is not None:
+                self._waiters.remove(waiter)  # the last in line: nobody's turn changes
+                return lease
         self._note_wait()
         fair_checked = False  # it looked for a connection left idle at fair_after
         to_wake: list[_Waiter]
@@ -855,7 +889,11 @@ class ConnectionPool:
         if self.closed:
             self._retire(lease, "its pool was closed", warn=False)
             return
-        problem = self._reset(lease)
+        try:
+            problem = self._reset(lease)
+        except BaseException:
+            self._retire(lease, "its reset was interrupted", warn=False)
+            raise
         if problem is not None:
             self._retire(lease, problem)
             return
@@ -872,6 +910,9 @@ class ConnectionPool:
             self._close_idle_surplus()
             return
         self._give_back(lease)
+        if self.closed and self._idle.pop(lease, False):  # close() drained _idle meanwhile
+            self._retire(lease, None, warn=False)
+            return
         if self._max_idle is not None and now >= self._next_sweep:
             self.sweep_idle(now)
 
