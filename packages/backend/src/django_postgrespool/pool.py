@@ -682,13 +682,7 @@ class ConnectionPool:
                 self.alias,
                 owner.name,
             )
-            try:
-                problem = self._reset(lease)
-            except BaseException:
-                self._retire(lease, "its reset was interrupted", warn=False)
-                raise
-            if problem is not None:
-                self._retire(lease, problem)
+            if not self._reset_or_retire(lease):
                 continue
             self._reclaimed += 1
             return lease
@@ -889,13 +883,7 @@ class ConnectionPool:
         if self.closed:
             self._retire(lease, "its pool was closed", warn=False)
             return
-        try:
-            problem = self._reset(lease)
-        except BaseException:
-            self._retire(lease, "its reset was interrupted", warn=False)
-            raise
-        if problem is not None:
-            self._retire(lease, problem)
+        if not self._reset_or_retire(lease):
             return
         lease.returned_at = now
         if (
@@ -1037,6 +1025,18 @@ class ConnectionPool:
             lease.state = IN_USE
             self._handoffs += 1
         return waiter
+
+    def _reset_or_retire(self, lease: Lease) -> bool:
+        """Reset ``lease``; if that fails, or is interrupted, close it and tell so."""
+        try:
+            problem = self._reset(lease)
+        except BaseException:  # a signal handler's exception: nobody would give it back
+            self._retire(lease, "its reset was interrupted", warn=False)
+            raise
+        if problem is not None:
+            self._retire(lease, problem)
+            return False
+        return True
 
     def _reset(self, lease: Lease) -> str | None:
         """Leave the connection idle: no open cursor, no transaction; or say why not."""
