@@ -431,6 +431,92 @@ def test_a_checkin_while_a_checkout_joins_the_line_is_not_missed(
     pool.checkin(lease)
 
 
+def test_a_late_second_checkin_of_one_checkout_lends_it_once() -> None:
+    # Two checkins of one checkout (a wrapper closed twice): the first hands the
+    # connection to a waiter, whose checkout may complete before the second
+    # checkin runs. The second names the checkout it gives back and does nothing.
+    pool = make_pool(pool_size=1, timeout=2.0, fair_after=0.0)
+    twice = 0
+    for _ in range(50):
+        lease = pool.checkout(FakeConnection, None, None)
+        borrowed_at = lease.borrowed_at
+        got: list[Lease] = []
+        waiters = [
+            threading.Thread(target=lambda: got.append(pool.checkout(FakeConnection, None, None)))
+            for _ in range(2)
+        ]
+        for w in waiters:
+            w.start()
+        while len(pool._waiters) < 2:
+            time.sleep(0.0005)
+        barrier = threading.Barrier(2)
+
+        def give_back() -> None:
+            barrier.wait(5)
+            pool.checkin(lease, None, borrowed_at)
+
+        givers = [threading.Thread(target=give_back) for _ in range(2)]
+        for t in givers:
+            t.start()
+        for t in givers:
+            t.join(5)
+        for w in waiters:
+            w.join(0.2)
+        twice += len(got) == 2
+        while got:  # each waiter gives back what it got, letting the other in
+            pool.checkin(got.pop(0))
+            for w in waiters:
+                w.join(0.05)
+        for w in waiters:
+            w.join(5)
+        while got:
+            pool.checkin(got.pop(0))
+    assert twice == 0, f"lent to both waiters in {twice} of 50 rounds"
+    assert_quiescent(pool)
+
+
+def test_a_checkin_from_another_thread_racing_a_reclaim_lends_once() -> None:
+    # A thread ends holding a connection; its wrapper, still reachable (a kept
+    # cursor), is closed from another thread while a checkout at the cap
+    # reclaims that connection. One of the two gets it.
+    pool = make_pool(pool_size=1, timeout=2.0)
+    both = 0
+    with racy():
+        for _ in range(1000):
+            box: list[Lease] = []
+            ended = threading.Thread(
+                target=lambda: box.append(pool.checkout(FakeConnection, None, me()))
+            )
+            ended.start()
+            ended.join(5)
+            (lease,) = box
+            borrowed_at = lease.borrowed_at
+            got: list[Lease] = []
+            barrier = threading.Barrier(2)
+
+            def reclaimer() -> None:
+                barrier.wait(5)
+                got.append(pool.checkout(FakeConnection, None, me()))
+
+            def closer() -> None:
+                barrier.wait(5)
+                pool.checkin(lease, None, borrowed_at)
+
+            pair = [threading.Thread(target=reclaimer), threading.Thread(target=closer)]
+            for t in pair:
+                t.start()
+            for t in pair:
+                t.join(5)
+            (mine,) = got
+            if mine in pool._idle or mine.state is not IN_USE:  # idle and lent at once
+                both += 1
+                pool._idle.pop(mine, None)
+                mine.state = IN_USE
+            pool.checkin(mine)
+    assert both == 0, f"lent and idle at once in {both} of 1000 rounds"
+    assert_quiescent(pool)
+
+
 # -- exceptions at bad moments -----------------------------------------------------------
 
 

@@ -33,7 +33,7 @@ from django_postgrespool._rules import (
 )
 from django_postgrespool.errors import PoolError
 from django_postgrespool.options import POOL_OPTION_NAMES, resolve_pool_options
-from django_postgrespool.pool import _IDLE, ConnectionPool, Lease, Target
+from django_postgrespool.pool import _IDLE, IN_USE, ConnectionPool, Lease, Target
 
 __all__ = [
     "CheckoutInfo",
@@ -86,12 +86,55 @@ class DatabaseCreation(PostgreSQLCreation):
         super()._destroy_test_db(test_database_name, verbosity)  # type: ignore[misc]
 
 
+class _SettingsChanged(Exception):
+    """The alias's settings changed while a checkout waited: its pool is not theirs."""
+
+
 def _close_and_release(self: Any) -> None:
     self.cursor.close()
     self.db._release_if_idle()
 
 
+_Database: Any = postgresql_base.Database  # type: ignore[attr-defined]
 _RELEASING: dict[type, type] = {}
+_GUARDED: dict[type, type] = {}
+
+
+def _guarded(cursor_class: Any) -> type:
+    """``cursor_class`` (psycopg 3's server-side cursor, or Django's) refusing to
+    send anything once closed.
+
+    Closed at checkin, such a cursor kept past its lease still sends its
+    CLOSE (execute() again) or MOVE (scroll()) before it checks: on the
+    session of whoever borrowed the connection next, whose transaction the
+    error aborts. psycopg2 checks first.
+    """
+    made = _GUARDED.get(cursor_class)
+    if made is None:
+        interface_error = _Database.InterfaceError
+
+        def execute(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if self.closed:
+                raise interface_error("the cursor is closed")
+            return cursor_class.execute(self, *args, **kwargs)
+
+        def scroll(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if self.closed:
+                raise interface_error("the cursor is closed")
+            return cursor_class.scroll(self, *args, **kwargs)
+
+        made = _GUARDED[cursor_class] = type(
+            cursor_class.__name__,
+            (cursor_class,),
+            {
+                "__slots__": (),
+                "execute": execute,
+                "scroll": scroll,
+                "__doc__": cursor_class.__doc__,
+                "__module__": cursor_class.__module__,
+            },
+        )
+    return made
 
 
 def _releasing(wrapper_class: type) -> type:
@@ -106,6 +149,9 @@ def _releasing(wrapper_class: type) -> type:
         )
     return made
 
+
+# psycopg 3's server-side cursor (None with psycopg2, whose cursors check first).
+_SERVER_CURSOR: type | None = getattr(_Database, "ServerCursor", None)
 
 # Django's methods that close_if_unusable_or_obsolete() calls, which its fast
 # way does not (a subclass or a test that replaces one gets Django's way).
@@ -170,13 +216,29 @@ class PooledDatabaseWrapperMixin:
             self._connecting = False
 
     def _borrow(self) -> None:
-        pool = self._current_pool()
-        lease = pool.checkout(
-            self._open_physical_connection,
-            self._last_lease,
-            # Shared with other threads (allow_thread_sharing): never reclaimed.
-            None if self._thread_sharing_count else current_thread(),  # type: ignore[attr-defined]
-        )
+        started = 0.0
+        while True:
+            pool = self._current_pool()
+            try:
+                lease = pool.checkout(
+                    self._open_physical_connection,
+                    self._last_lease,
+                    # Shared with other threads (allow_thread_sharing): never reclaimed.
+                    None if self._thread_sharing_count else current_thread(),  # type: ignore[attr-defined]
+                )
+                break
+            except _SettingsChanged:
+                # Switched while this checkout waited: the pool of the settings
+                # as they are now, within the pool's timeout.
+                now = time.monotonic()
+                started = started or now
+                if now - started > pool.options.timeout:
+                    raise PoolError(
+                        f"The settings of database alias {self.alias!r} changed each time "  # type: ignore[attr-defined]
+                        f"a connection was about to be opened, for {pool.options.timeout:g}s "
+                        f"(the pool's timeout): DATABASES[{self.alias!r}] is switched in "  # type: ignore[attr-defined]
+                        f"place over and over, or holds a value that is never equal to itself."
+                    ) from None
         self._lease = self._last_lease = lease
         self._per_transaction = pool.per_transaction
         self._checkout = (lease.source, lease.wait, lease.borrowed_at)
@@ -237,10 +299,18 @@ class PooledDatabaseWrapperMixin:
     @sensitive_variables()
     def _open_physical_connection(self) -> Any:
         """Open a new physical connection the way Django would without a pool."""
+        # The pool was chosen by the settings when the checkout began; a
+        # checkout that waited may open its connection after the alias's
+        # settings were switched in place (and perhaps back): that connection
+        # would be made with the new settings and kept in the old pool.
+        if self._settings_key() != self._pool_key_cached:
+            raise _SettingsChanged
         return super().get_new_connection(self.get_connection_params())  # type: ignore[misc]
 
     def create_cursor(self, name: str | None = None) -> Any:
         cursor = super().create_cursor(name)  # type: ignore[misc]
+        if name and _SERVER_CURSOR is not None and isinstance(cursor, _SERVER_CURSOR):
+            cursor.__class__ = _guarded(type(cursor))
         lease = self._lease
         if lease is not None:
             lease.track(cursor)  # closed when the connection is given back
@@ -273,7 +343,7 @@ class PooledDatabaseWrapperMixin:
         side cursor of QuerySet.iterator() keeps it until it is exhausted).
         The next query borrows one again (this one, if it is still idle).
         """
-        lease = self._lease
+        lease = self._held_lease()
         if (
             lease is None
             or not self._per_transaction
@@ -299,24 +369,46 @@ class PooledDatabaseWrapperMixin:
         if self.connection.autocommit != autocommit:  # type: ignore[attr-defined]
             super()._set_autocommit(autocommit)  # type: ignore[misc]
 
+    def _held_lease(self, *, giving_back: bool = False) -> Lease | None:
+        """The lease this wrapper holds, or None if the pool took it back.
+
+        A thread that ended holding its connection leaves its wrapper behind,
+        reachable through a cursor or a reference kept elsewhere; the pool
+        reclaims the connection and lends it to another thread. That wrapper
+        must then let go of it, not give back or roll back the new borrower's.
+        ``giving_back``: also let go of it here, at once (see _close()).
+        """
+        # dict.pop is one step under the GIL: of two threads closing a shared
+        # wrapper at once, one only gets the lease.
+        lease = self.__dict__.pop("_lease", None) if giving_back else self._lease
+        if lease is not None and (
+            lease.state is not IN_USE or lease.borrowed_at != self._checkout[2]  # type: ignore[index]
+        ):
+            self._lease = None
+            self.connection = None
+            return None
+        return lease
+
     def _close(self) -> None:
-        lease = self._lease
+        lease = self._held_lease(giving_back=True)
         if lease is None:
             if self._last_lease is None:  # a connection this wrapper did not borrow
                 super()._close()  # type: ignore[misc]
             # else: already returned; self.connection is the pool's now.
             return
-        self._lease = None
+        borrowed_at = self._checkout[2]  # type: ignore[index]
         self._checkout_returned_at = now = time.monotonic()
         if self.in_atomic_block:  # type: ignore[attr-defined]
             # Django keeps self.connection after a close inside an atomic
             # block (closed_in_transaction); it must not be lent to anyone.
-            lease.pool.discard(lease, "it was closed inside an atomic block")
+            lease.pool.discard(lease, "it was closed inside an atomic block", borrowed_at)
             return
         if self._discard_reason is not None:
-            lease.pool.discard(lease, self._discard_reason)
+            lease.pool.discard(lease, self._discard_reason, borrowed_at)
         else:
-            lease.pool.checkin(lease, now)  # raises nothing: a failed reset discards
+            # Raises nothing (a failed reset discards); does nothing if the
+            # pool has lent it again since (it took it back from an ended thread).
+            lease.pool.checkin(lease, now, borrowed_at)
         # Lent to the next borrower from now on (Django's close() clears it
         # too, but _close() may be called alone).
         self.connection = None
@@ -385,8 +477,9 @@ class PooledDatabaseWrapperMixin:
         super().inc_thread_sharing()  # type: ignore[misc]
         # Used by other threads from now on: never reclaim it when the
         # thread that borrowed it ends.
-        if self._lease is not None:
-            self._lease.pool.release_owner(self._lease)
+        lease = self._held_lease()
+        if lease is not None:
+            lease.pool.release_owner(lease)
 
     def close_pool(self) -> None:
         """Close every pool of this alias in this process (Django >= 5.1 API)."""

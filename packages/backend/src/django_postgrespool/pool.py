@@ -14,7 +14,7 @@ A lease passes through these states, and only these::
 
     (QueuePool makes it) ─▶ IN_USE ──checkin: cursors closed, reset──▶ IDLE
     IDLE ──checkout: recycle age and health check──▶ IN_USE
-    IN_USE ──checkin while a checkout waits──▶ IN_USE (the waiter's: a hand-off)
+    IN_USE ──checkin while a checkout waits──▶ RESERVED (handed to the waiter) ──▶ IN_USE
     IN_USE ──its borrower's thread ended, pool at its cap──▶ RESERVED ──reset──▶ IN_USE
     any ──broken, failed check, too old, beyond pool_size, pool retired──▶ GONE (closed)
 
@@ -26,6 +26,13 @@ Django's per-connection setup again), then for any idle lease, then QueuePool
 for a new connection, and only at the cap does it wait, in FIFO order, for a
 direct hand-off. One lock guards the waiters and the hand-off; checkouts and
 checkins that find nobody waiting never take it.
+
+A checkin gives back one checkout, the one its ``borrowed_at`` names: a lease
+is IN_USE again only once its next borrower has set its own ``borrowed_at``
+(RESERVED in between), so a late second checkin of a checkout finds another
+time, or another state, and does nothing. A checkin from a thread other than
+the borrower's (a thread that ended left its wrapper reachable) takes the
+lease with the same compare-and-set as a reclaim, which may be taking it too.
 
 Nothing here runs on a garbage-collection path: no SQLAlchemy event listener
 and no finalizer is registered, and every lease keeps its SQLAlchemy proxy
@@ -521,11 +528,11 @@ class ConnectionPool:
             if problem is None:
                 if lease.verified > now:  # pinged just now: the round trip was waited for
                     now = lease.verified
-                lease.state = IN_USE
                 lease.owner = owner
                 lease.source = source
                 lease.borrowed_at = now
                 lease.wait = wait = now - asked
+                lease.state = IN_USE  # last: see "A checkin gives back one checkout"
                 self._wait_hist.observe(wait)
                 self._checkouts += 1
                 if source == "affinity":
@@ -864,12 +871,16 @@ class ConnectionPool:
 
     # -- checkin ----------------------------------------------------------
 
-    def checkin(self, lease: Lease, now: float | None = None) -> None:
+    def checkin(
+        self, lease: Lease, now: float | None = None, borrowed_at: float | None = None
+    ) -> None:
         """Close the cursors of ``lease``, reset it, and lend it on or keep it idle.
 
         ``now``: the caller's time.monotonic() when it gave the connection back.
+        ``borrowed_at``: the checkout's (``lease.borrowed_at`` when it was lent);
+        nothing is done if the lease has been lent again since.
         """
-        if lease.state is not IN_USE:
+        if not self._holds(lease, borrowed_at):
             return
         if now is None:
             now = time.monotonic()
@@ -927,11 +938,30 @@ class ConnectionPool:
                 self._give_back(lease)
                 return
 
-    def discard(self, lease: Lease, reason: str) -> None:
-        """Close the connection of ``lease`` instead of lending it again."""
-        if lease.state is IN_USE:
+    def discard(self, lease: Lease, reason: str, borrowed_at: float | None = None) -> None:
+        """Close the connection of ``lease`` instead of lending it again (see checkin)."""
+        if self._holds(lease, borrowed_at):
             self._use_hist.observe(time.monotonic() - lease.borrowed_at)
             self._retire(lease, reason)
+
+    def _holds(self, lease: Lease, borrowed_at: float | None) -> bool:
+        """Tell whether the caller may give back ``lease``: it is the checkout lent at
+        ``borrowed_at`` (any, if None), and no reclaim takes it."""
+        if lease.state is not IN_USE or (
+            borrowed_at is not None and lease.borrowed_at != borrowed_at
+        ):
+            return False
+        owner = lease.owner
+        if owner is None or _active.get(_get_ident()) is owner:
+            return True  # shared (never reclaimed), or given back by its borrower
+        # Another thread gives back a lease whose borrower has ended, maybe
+        # while a checkout reclaims it: whoever changes it first, under the
+        # lock, has it (the reclaim's compare-and-set).
+        with self._lock:
+            if lease.state is not IN_USE or lease.owner is not owner:
+                return False
+            lease.owner = None
+        return True
 
     def release_owner(self, lease: Lease) -> None:
         """Never reclaim ``lease`` from its thread (it is shared with others)."""
@@ -1022,7 +1052,7 @@ class ConnectionPool:
         waiter.lease = lease
         waiter.served = True
         if lease is not None:
-            lease.state = IN_USE
+            lease.state = RESERVED  # IN_USE once the waiter's checkout has it
             self._handoffs += 1
         return waiter
 
@@ -1271,6 +1301,11 @@ def _status_reader(raw: Any) -> Callable[[], int]:
     return raw.get_transaction_status  # type: ignore[no-any-return]  # psycopg2
 
 
+_get_ident = threading.get_ident
+# Running threads by ident: threading's own table (current_thread() reads it).
+_active: dict[int, threading.Thread] = getattr(threading, "_active", {})
+
+
 def _alive(thread: threading.Thread) -> bool:
     """Tell whether ``thread`` is still running, cheaply (no lock, unlike is_alive())."""
     # A thread leaves threading's table of running threads when it ends; a
@@ -1384,15 +1419,22 @@ class _Housekeeper:
                     target=self._run, name="django_postgrespool housekeeper", daemon=True
                 ).start()
 
+    def _watched(self) -> list[ConnectionPool]:
+        # A WeakSet may not change while it is iterated: watch() adds to it
+        # from the threads that build pools, so it is read under the lock.
+        with self._lock:
+            return list(self._pools)
+
     def _run(self) -> None:
         pid = os.getpid()
         while self._pid == pid:
             wake = self._wake
-            if wake.wait(self._interval(self._pools)):
+            if wake.wait(self._interval(self._watched())):
                 wake.clear()
-            for pool in list(self._pools):
+            for pool in self._watched():
                 if pool.closed and pool.in_use() == 0:
-                    self._pools.discard(pool)
+                    with self._lock:
+                        self._pools.discard(pool)
                     continue
                 try:
                     pool.check_leaks()
@@ -1404,7 +1446,7 @@ class _Housekeeper:
     def _interval(pools: Iterable[ConnectionPool]) -> float:
         periods = [
             p
-            for pool in list(pools)
+            for pool in pools
             for p in (pool.options.leak_timeout, pool.options.max_idle)
             if p is not None
         ]

@@ -28,12 +28,16 @@ SELECT current_setting('max_connections')::int,
 def collect(alias: str) -> dict[str, Any]:
     """Check out one connection of ``alias``, query the server, return pool and server figures."""
     wrapper = connections[alias]
+    borrowed_here = wrapper.connection is None
     try:
         with wrapper.cursor() as cursor:
             cursor.execute(_SERVER_SQL)
             max_connections, on_database, clients = cursor.fetchone()
     finally:
-        wrapper.close()  # back to the pool
+        # Back to the pool if this borrowed it; a caller's connection (inside
+        # its atomic block, say) is the caller's to give back.
+        if borrowed_here:
+            wrapper.close()
     return {
         "alias": alias,
         "pools": pool_stats(alias),
