@@ -437,31 +437,33 @@ def test_a_late_second_checkin_of_one_checkout_lends_it_once() -> None:
     # checkin runs. The second names the checkout it gives back and does nothing.
     pool = make_pool(pool_size=1, timeout=2.0, fair_after=0.0)
     twice = 0
+
+    def borrow(got: list[Lease]) -> None:
+        got.append(pool.checkout(FakeConnection, None, None))
+
+    def give_back(barrier: threading.Barrier, lease: Lease, borrowed_at: float) -> None:
+        barrier.wait(5)
+        pool.checkin(lease, None, borrowed_at)
+
     for _ in range(50):
         lease = pool.checkout(FakeConnection, None, None)
-        borrowed_at = lease.borrowed_at
         got: list[Lease] = []
-        waiters = [
-            threading.Thread(target=lambda: got.append(pool.checkout(FakeConnection, None, None)))
-            for _ in range(2)
-        ]
+        waiters = [threading.Thread(target=borrow, args=(got,)) for _ in range(2)]
         for w in waiters:
             w.start()
         while len(pool._waiters) < 2:
             time.sleep(0.0005)
         barrier = threading.Barrier(2)
-
-        def give_back() -> None:
-            barrier.wait(5)
-            pool.checkin(lease, None, borrowed_at)
-
-        givers = [threading.Thread(target=give_back) for _ in range(2)]
+        givers = [
+            threading.Thread(target=give_back, args=(barrier, lease, lease.borrowed_at))
+            for _ in range(2)
+        ]
         for t in givers:
             t.start()
         for t in givers:
             t.join(5)
         for w in waiters:
-            w.join(0.2)
+            w.join(0.05)
         twice += len(got) == 2
         while got:  # each waiter gives back what it got, letting the other in
             pool.checkin(got.pop(0))
@@ -481,28 +483,29 @@ def test_a_checkin_from_another_thread_racing_a_reclaim_lends_once() -> None:
     # reclaims that connection. One of the two gets it.
     pool = make_pool(pool_size=1, timeout=2.0)
     both = 0
+
+    def borrow(got: list[Lease], barrier: threading.Barrier | None = None) -> None:
+        if barrier is not None:
+            barrier.wait(5)
+        got.append(pool.checkout(FakeConnection, None, me()))
+
+    def closer(barrier: threading.Barrier, lease: Lease, borrowed_at: float) -> None:
+        barrier.wait(5)
+        pool.checkin(lease, None, borrowed_at)
+
     with racy():
         for _ in range(1000):
             box: list[Lease] = []
-            ended = threading.Thread(
-                target=lambda: box.append(pool.checkout(FakeConnection, None, me()))
-            )
+            ended = threading.Thread(target=borrow, args=(box,))
             ended.start()
             ended.join(5)
             (lease,) = box
-            borrowed_at = lease.borrowed_at
             got: list[Lease] = []
             barrier = threading.Barrier(2)
-
-            def reclaimer() -> None:
-                barrier.wait(5)
-                got.append(pool.checkout(FakeConnection, None, me()))
-
-            def closer() -> None:
-                barrier.wait(5)
-                pool.checkin(lease, None, borrowed_at)
-
-            pair = [threading.Thread(target=reclaimer), threading.Thread(target=closer)]
+            pair = [
+                threading.Thread(target=borrow, args=(got, barrier)),  # reclaims it
+                threading.Thread(target=closer, args=(barrier, lease, lease.borrowed_at)),
+            ]
             for t in pair:
                 t.start()
             for t in pair:

@@ -724,7 +724,7 @@ def test_a_shared_wrapper_closed_by_two_threads_at_once_is_given_back_once(poole
             connections[alias].close()
 
     try:
-        for _ in range(int(os.environ.get("N_SHARED", 30))):
+        for _ in range(30):
             conn.ensure_connection()
             waiters = [_run(waiter) for _ in range(2)]
             deadline = time.monotonic() + 5
