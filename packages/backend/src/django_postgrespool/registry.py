@@ -22,6 +22,8 @@ _abandoned: list[ConnectionPool] = []
 _fork_callbacks: list[Callable[[], Any]] = []
 # Pools retired because their alias's settings changed or the alias was
 # removed: shown by pool_stats() while they still have connections lent.
+# Read and changed under _lock: a WeakSet may not change while it is iterated
+# (list() of it in one thread while another retires a pool raises).
 _retired: weakref.WeakSet[ConnectionPool] = weakref.WeakSet()
 
 
@@ -49,9 +51,9 @@ def get_pool(key: Hashable, build: Callable[[], ConnectionPool]) -> ConnectionPo
         ]
         retired = [_pools.pop(k) for k in stale]
         _pools[key] = pool
+        _retired.update(retired)
     for other in retired:
         other.close(retired=True)
-        _retired.add(other)
     return pool
 
 
@@ -87,15 +89,15 @@ def pool_stats(alias: str | None = None) -> list[PoolStats]:
     """Return a snapshot of each of this process's pools (of ``alias`` if given)."""
     with _lock:
         pools = list(_pools.values())
-    pools += [pool for pool in list(_retired) if pool.in_use() > 0]
+        retired = list(_retired)
+    pools += [pool for pool in retired if pool.in_use() > 0]
     return [pool.stats() for pool in pools if alias is None or pool.alias == alias]
 
 
 def all_pools() -> list[ConnectionPool]:
     """Every pool of this process: the current ones and retired ones not yet collected."""
     with _lock:
-        pools = list(_pools.values())
-    return pools + list(_retired)
+        return list(_pools.values()) + list(_retired)
 
 
 def on_fork_in_child(callback: Callable[[], Any]) -> None:
