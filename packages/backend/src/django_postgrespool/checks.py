@@ -246,7 +246,7 @@ def check_budget_against_server(
     return messages
 
 
-# -- CONN_MAX_AGE: W002, W003 ---------------------------------------------------
+# -- CONN_MAX_AGE: E006, W002, W003 ---------------------------------------------
 #
 # With the pooled ENGINE, CONN_MAX_AGE keeps Django's meaning: how long a
 # thread keeps its checked-out connection across requests. The pool already
@@ -273,11 +273,24 @@ def _cap(alias: str, settings_dict: Any) -> str:
 def check_conn_max_age(
     app_configs: Sequence[Any] | None = None, **kwargs: Any
 ) -> list[checks.CheckMessage]:
-    """Warn about pooled aliases whose threads keep their connection between requests."""
+    """Warn about pooled aliases whose threads keep their connection between requests.
+
+    A CONN_MAX_AGE that is not a number of seconds (nor None) is an error (E006).
+    """
     messages: list[checks.CheckMessage] = []
     for alias, settings_dict in pooled_aliases():
         age = settings_dict.get("CONN_MAX_AGE", 0)
-        if age is None:
+        if age is not None and (isinstance(age, bool) or not isinstance(age, (int, float))):
+            # Django would fail at the first connection (it adds it to the clock).
+            messages.append(
+                checks.Error(
+                    f"DATABASES[{alias!r}]['CONN_MAX_AGE'] must be a number of seconds or "
+                    f"None, got {type(age).__name__} {age!r}.",
+                    hint=_CONN_MAX_AGE_HINT,
+                    id="postgrespool.E006",
+                )
+            )
+        elif age is None:
             messages.append(
                 checks.Warning(
                     f"DATABASES[{alias!r}]['CONN_MAX_AGE'] is None: each thread keeps its "

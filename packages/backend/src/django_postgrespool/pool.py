@@ -1195,6 +1195,13 @@ class ConnectionPool:
         """Close the idle connections; checked-out ones are closed at checkin."""
         self.closed = True
         self.retired = retired
+        # Connections of borrowers that ended without giving them back: a
+        # closed pool has no next checkout to reclaim them.
+        while True:
+            lease = self._reclaim_dead()
+            if lease is None:
+                break
+            self._retire(lease, None, warn=False)
         while True:
             lease = self._take_idle()
             if lease is None:

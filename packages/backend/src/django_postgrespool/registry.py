@@ -80,8 +80,9 @@ def close_pools(alias: str | None = None, database: str | None = None) -> int:
             and (database is None or pool.target["database"] == database)
         ]
         pools = [_pools.pop(key) for key in doomed]
+        _retired.update(pools)  # shown by pool_stats() while they still lend
     for pool in pools:
-        pool.close()
+        pool.close(retired=True)
     return len(pools)
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -193,7 +194,10 @@ class _Mirror:
 
 
 _mirror = _Mirror()
-_registered: set[int] = set()
+# Registries given the collector, held weakly: an id() would be reused by a
+# new registry at the address of a collected one (which then got nothing).
+_registered: weakref.WeakSet[CollectorRegistry] = weakref.WeakSet()
+_register_lock = threading.Lock()
 
 
 def register(registry: CollectorRegistry = REGISTRY) -> None:
@@ -209,9 +213,10 @@ def register(registry: CollectorRegistry = REGISTRY) -> None:
         sampler.subscribe(_mirror.write)
         sampler.start_on_first_request()
         return
-    if id(registry) not in _registered:
-        registry.register(PoolCollector())
-        _registered.add(id(registry))
+    with _register_lock:  # two threads at once would expose every metric twice
+        if registry not in _registered:
+            registry.register(PoolCollector())
+            _registered.add(registry)
 
 
 def mark_process_dead(pid: int) -> None:

@@ -15,6 +15,7 @@ later requests pay nothing.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 from collections.abc import Callable, Mapping
@@ -59,7 +60,20 @@ def interval() -> float:
     """Return the sampling interval: ``POSTGRESPOOL_METRICS_INTERVAL`` seconds, default 1."""
     from django.conf import settings
 
-    return float(getattr(settings, "POSTGRESPOOL_METRICS_INTERVAL", DEFAULT_INTERVAL))
+    given = getattr(settings, "POSTGRESPOOL_METRICS_INTERVAL", DEFAULT_INTERVAL)
+    try:
+        every = float(given)
+    except (TypeError, ValueError):
+        every = math.nan
+    if isinstance(given, bool) or not 0 < every < math.inf:  # NaN too
+        logger.warning(
+            "settings.POSTGRESPOOL_METRICS_INTERVAL must be a positive number of seconds, "
+            "got %r; sampling every %g s.",
+            given,
+            DEFAULT_INTERVAL,
+        )
+        return DEFAULT_INTERVAL
+    return every
 
 
 def start_on_first_request() -> None:
@@ -87,11 +101,11 @@ def ensure_running() -> None:
     pid = os.getpid()
     if _running_in == pid:
         return
+    every = interval()  # raises nothing: a bad setting is warned about
     with _lock:
         if _running_in == pid:
             return
         _running_in = pid
-    every = interval()
     thread = threading.Thread(
         target=_run, args=(every,), name="postgrespool-sampler", daemon=True
     )
