@@ -27,7 +27,7 @@ from django_postgrespool.errors import PoolError
 from django_postgrespool.options import PoolOptions
 from django_postgrespool.pool import GONE, IDLE, IN_USE, ConnectionPool, Lease, Target
 
-from tests.support.requests import run_request
+from tests.support.requests import one_thread_per_backend, run_request
 
 TARGET = Target(database="db", host="h", port="1", user="u")
 _INTRANS = 2
@@ -706,10 +706,6 @@ def test_a_connect_failure_while_others_wait_wakes_them_without_losing_the_slot(
 # -- against PostgreSQL --------------------------------------------------------------------
 
 
-def _claims() -> tuple[dict[int, int], threading.Lock]:
-    return {}, threading.Lock()
-
-
 @pytest.mark.parametrize("fair_after", [0, 0.03])
 def test_lease_transaction_storm_never_shares_a_session(pooled_alias, monitor, fair_after) -> None:
     # lease='transaction', 8 threads on 2 connections: each statement outside
@@ -725,7 +721,8 @@ def test_lease_transaction_storm_never_shares_a_session(pooled_alias, monitor, f
             "fair_after": fair_after,
         }
     )
-    claims, lock = _claims()
+    claims: dict[int, int] = {}
+    lock = threading.Lock()
     errors: list[BaseException] = []
     barrier = threading.Barrier(8)
 
@@ -786,21 +783,10 @@ def test_request_storm_with_overflow_and_timeouts_keeps_counts(pooled_alias, mon
     alias, app = pooled_alias(
         pool_options={"pool_size": 2, "max_overflow": 2, "timeout": 0.05, "fair_after": 0}
     )
-    claims, lock = _claims()
+    body = one_thread_per_backend(0.002)
+    lock = threading.Lock()
     outcome = collections.Counter[str]()
     errors: list[BaseException] = []
-
-    def body(cursor: Any) -> None:
-        cursor.execute("SELECT pg_backend_pid()")
-        (pid,) = cursor.fetchone()
-        with lock:
-            assert pid not in claims, f"backend {pid} lent to two threads at once"
-            claims[pid] = threading.get_ident()
-        try:
-            cursor.execute("SELECT pg_sleep(0.002)")
-        finally:
-            with lock:
-                del claims[pid]
 
     def worker() -> None:
         try:

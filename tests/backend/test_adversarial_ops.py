@@ -37,7 +37,7 @@ from tests.backend.test_adversarial import (  # noqa: F401 - _fake_db_reset is a
     racy,
 )
 from tests.conftest import ROOT
-from tests.support.requests import run_request
+from tests.support.requests import connection_held_elsewhere, run_request
 
 prometheus_client = pytest.importorskip("prometheus_client")
 pytest.importorskip("opentelemetry.sdk.metrics")
@@ -599,25 +599,12 @@ def test_close_pools_while_threads_hold_connections_closes_each_at_its_return(
 
 def test_pgpool_json_shows_the_retired_pool_still_lending(pooled_alias) -> None:
     alias, _ = pooled_alias("pgpool_retired", pool_options={"pool_size": 2, "max_overflow": 0})
-    holding, release = threading.Event(), threading.Event()
-
-    def hold(cursor: Any) -> None:
-        cursor.execute("SELECT 1")
-        holding.set()
-        release.wait(10)
-
-    holder = threading.Thread(target=run_request, args=(alias, hold))
-    holder.start()
-    try:
-        assert holding.wait(10)
+    with connection_held_elsewhere(alias):
         connections.settings[alias]["POOL_OPTIONS"] = {"pool_size": 3, "max_overflow": 1}
         out = StringIO()
         call_command("pgpool", "--database", alias, "--json", stdout=out)
         table = StringIO()
         call_command("pgpool", "--database", alias, stdout=table)
-    finally:
-        release.set()
-        holder.join(10)
     [entry] = json.loads(out.getvalue())
     pools = sorted(entry["pools"], key=lambda p: p["retired"])
     assert [(p["retired"], p["pool_size"], p["checked_out"]) for p in pools] == [

@@ -21,7 +21,7 @@ from django.db import connections, transaction
 from django_postgrespool import pool_stats, registry
 
 from tests.backend.test_fork import in_child
-from tests.support.requests import backend_pid, run_request
+from tests.support.requests import backend_pid, one_thread_per_backend, run_request
 
 OTHER_DATABASE = "postgres"  # on the suite's server, beside the tests' database
 
@@ -219,20 +219,7 @@ def test_pools_retired_mid_storm_close_every_connection_when_it_comes_back(
     settings_dict = connections.settings[alias]
     errors: list[BaseException] = []
     stop = threading.Event()
-    claims: dict[int, int] = {}
-    lock = threading.Lock()
-
-    def body(cursor: Any) -> None:
-        cursor.execute("SELECT pg_backend_pid()")
-        (pid,) = cursor.fetchone()
-        with lock:
-            assert pid not in claims, f"backend {pid} lent twice"
-            claims[pid] = threading.get_ident()
-        try:
-            cursor.execute("SELECT pg_sleep(0.001)")
-        finally:
-            with lock:
-                del claims[pid]
+    body = one_thread_per_backend(0.001)
 
     def worker() -> None:
         try:
@@ -386,20 +373,7 @@ def test_stats_and_pgpool_during_a_storm_with_sweeps_leak_warnings_and_recycling
     broken: list[dict[str, Any]] = []
     stop = threading.Event()
     barrier = threading.Barrier(7)
-    claims: dict[int, int] = {}
-    lock = threading.Lock()
-
-    def body(cursor: Any) -> None:
-        cursor.execute("SELECT pg_backend_pid()")
-        (pid,) = cursor.fetchone()
-        with lock:
-            assert pid not in claims, f"backend {pid} lent twice"
-            claims[pid] = threading.get_ident()
-        try:
-            cursor.execute("SELECT pg_sleep(0.002)")
-        finally:
-            with lock:
-                del claims[pid]
+    body = one_thread_per_backend(0.002)
 
     def worker() -> None:
         try:
@@ -797,22 +771,9 @@ def test_sync_to_async_thread_sensitive_and_not_share_no_session(pooled_alias) -
     from asgiref.sync import async_to_sync, sync_to_async
 
     alias, _ = pooled_alias(pool_options={"pool_size": 2, "max_overflow": 0, "timeout": 20})
-    claims: dict[int, int] = {}
-    lock = threading.Lock()
+    body = one_thread_per_backend(0.001)
 
     def view() -> int:
-        def body(cursor: Any) -> int:
-            pid = _one(cursor, "SELECT pg_backend_pid()")
-            with lock:
-                assert pid not in claims, "lent twice"
-                claims[pid] = threading.get_ident()
-            try:
-                cursor.execute("SELECT pg_sleep(0.001)")
-            finally:
-                with lock:
-                    del claims[pid]
-            return pid
-
         return run_request(alias, body)
 
     async def main() -> list[int]:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import threading
 
 from django.db import connections
 from django_postgrespool import metrics
 
 from tests.metrics.conftest import collected, points_of
-from tests.support.requests import run_request
+from tests.support.requests import connection_held_elsewhere, run_request
 
 POOL_NAME = "db.client.connection.pool.name"
 STATE = "db.client.connection.state"
@@ -16,22 +15,9 @@ STATE = "db.client.connection.state"
 
 def test_pool_state_is_observed_under_the_semantic_convention_names(otel_reader, pooled_alias):
     alias, _ = pooled_alias("otel_state", pool_options={"pool_size": 2, "max_overflow": 1})
-    holding, release = threading.Event(), threading.Event()
-
-    def hold(cursor):
-        cursor.execute("SELECT 1")
-        holding.set()
-        release.wait(10)
-
-    holder = threading.Thread(target=run_request, args=(alias, hold))
-    holder.start()
-    try:
-        assert holding.wait(10)
+    with connection_held_elsewhere(alias):
         run_request(alias)  # a second connection, given back: idle
         got = collected(otel_reader)
-    finally:
-        release.set()
-        holder.join()
     count = {p.attributes[STATE]: p.value for p in points_of(got, "db.client.connection.count", alias)}
     assert count == {"used": 1, "idle": 1}
     single = {

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 
 from django.test import RequestFactory
 from django_postgrespool.metrics import points
@@ -12,7 +11,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
-from tests.support.requests import run_request
+from tests.support.requests import connection_held_elsewhere
 
 BUCKETS = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10]
 
@@ -45,21 +44,8 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def test_view_serves_this_process_pools_in_prometheus_naming(pooled_alias):
     alias, _ = pooled_alias("prom_live", pool_options={"pool_size": 2, "max_overflow": 1})
-    holding, release = threading.Event(), threading.Event()
-
-    def hold(cursor):
-        cursor.execute("SELECT 1")
-        holding.set()
-        release.wait(10)
-
-    holder = threading.Thread(target=run_request, args=(alias, hold))
-    holder.start()
-    try:
-        assert holding.wait(10)
+    with connection_held_elsewhere(alias):
         response = prom.metrics_view(RequestFactory().get("/metrics"))
-    finally:
-        release.set()
-        holder.join()
     assert response.status_code == 200
     assert response["Content-Type"].startswith("text/plain; version=")
     got = samples(response.content.decode())

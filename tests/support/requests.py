@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from django.core.signals import request_finished, request_started
@@ -29,8 +31,6 @@ def backend_pid(alias: str) -> int:
 
 def hold_at_once(alias: str, count: int) -> None:
     """Run ``count`` requests in threads that each hold a connection until all have one."""
-    import threading
-
     barrier = threading.Barrier(count)
 
     def hold(cursor: Any) -> None:
@@ -87,3 +87,48 @@ def hammer(
     done.set()
     sampler.join()
     return peak, errors
+
+
+def one_thread_per_backend(sleep: float = 0.001) -> Callable[[Any], int]:
+    """A request body that fails if its backend serves another thread meanwhile.
+
+    It claims the backend (``pg_backend_pid()``), holds it ``sleep`` seconds on
+    the server, lets it go, and returns the pid: run it from many threads at once.
+    """
+    claims: dict[int, int] = {}
+    lock = threading.Lock()
+
+    def body(cursor: Any) -> int:
+        cursor.execute("SELECT pg_backend_pid()")
+        (pid,) = cursor.fetchone()
+        with lock:
+            assert pid not in claims, f"backend {pid} lent to two threads at once"
+            claims[pid] = threading.get_ident()
+        try:
+            cursor.execute("SELECT pg_sleep(%s)", [sleep])
+        finally:
+            with lock:
+                del claims[pid]
+        return int(pid)
+
+    return body
+
+
+@contextlib.contextmanager
+def connection_held_elsewhere(alias: str) -> Iterator[None]:
+    """Have another thread's request hold a connection of ``alias`` during the block."""
+    holding, release = threading.Event(), threading.Event()
+
+    def hold(cursor: Any) -> None:
+        cursor.execute("SELECT 1")
+        holding.set()
+        release.wait(10)
+
+    holder = threading.Thread(target=run_request, args=(alias, hold))
+    holder.start()
+    try:
+        assert holding.wait(10)
+        yield
+    finally:
+        release.set()
+        holder.join(10)
