@@ -47,6 +47,8 @@ def record(stats: list[Mapping[str, Any]]) -> None:
         values[p.name if p.state is None else p.state] = p.value
     with _lock:
         for alias, v in by_alias.items():
+            if "used" not in v:  # no pool now: only what its departed pools counted
+                continue
             waits = v.get("db.client.connection.wait_time")
             p95 = None
             if isinstance(waits, Histogram):

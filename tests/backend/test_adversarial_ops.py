@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterator
 from io import StringIO
 from typing import Any
@@ -121,11 +122,6 @@ def otel_collect(reader: InMemoryMetricReader) -> dict[str, list[Any]]:
 # -- counters across pool retirement -----------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a retired pool's timeouts drop out of pool_stats() once it is drained, so "
-    "db_client_connection_timeouts_total of the alias goes backwards",
-)
 def test_prometheus_timeouts_total_never_goes_backwards_when_the_alias_pool_is_retired(
     fake_alias,
 ) -> None:
@@ -139,11 +135,6 @@ def test_prometheus_timeouts_total_never_goes_backwards_when_the_alias_pool_is_r
     assert after >= before, f"counter went from {before} to {after}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a retired pool's timings drop out of pool_stats() once it is drained, so "
-    "the alias's histogram _count/_sum/_bucket samples go backwards",
-)
 def test_prometheus_histograms_never_go_backwards_when_the_alias_pool_is_retired(
     fake_alias,
 ) -> None:
@@ -176,11 +167,6 @@ def test_prometheus_counts_of_a_retired_pool_still_lending_are_added_to_the_alia
     old.checkin(held)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the OpenTelemetry observable counter db.client.connection.timeouts is read "
-    "from pool_stats(): it goes backwards once a retired pool is drained",
-)
 def test_otel_timeouts_counter_never_goes_backwards_when_the_alias_pool_is_retired(
     fake_alias,
 ) -> None:
@@ -195,6 +181,139 @@ def test_otel_timeouts_counter_never_goes_backwards_when_the_alias_pool_is_retir
         assert after.value >= before.value, f"counter went from {before.value} to {after.value}"
     finally:
         provider.shutdown()
+
+
+def test_a_retired_pool_collected_before_any_scrape_or_collection_still_counts(
+    fake_alias,
+) -> None:
+    instruments, reader, provider = otel_sdk()
+    try:
+        old = build(pool_size=1, timeout=0.01)
+        time_out_once(old)  # one timeout, one use
+        [first] = otel_collect(reader)["db.client.connection.use_time"]
+        assert first.count == 1
+        old.checkin(old.checkout(FakeConnection, None, me()))  # not collected yet
+        build(pool_size=1, timeout=0.01)  # retires `old`, drained
+        gone = weakref.ref(old)
+        del old
+        registry.all_pools()  # any look at the registry lets the drained pool go
+        gc.collect()
+        assert gone() is None, "a drained retired pool is kept alive"
+        got = scrape()
+        assert got[("db_client_connection_timeouts_total", POOL)] == 1
+        assert got[("db_client_connection_use_time_seconds_count", POOL)] == 2
+        for _ in range(2):  # its last timings reach the SDK once, not at every collection
+            collected = otel_collect(reader)
+            assert [p.count for p in collected["db.client.connection.use_time"]] == [2]
+            assert [p.value for p in collected["db.client.connection.timeouts"]] == [1]
+        assert instruments.feed == "merge"
+    finally:
+        provider.shutdown()
+
+
+def test_many_retirements_keep_one_departed_entry_per_alias_and_no_pool(fake_alias) -> None:
+    refs = []
+    for _ in range(200):
+        pool = build()
+        pool.checkin(pool.checkout(FakeConnection, None, me()))
+        refs.append(weakref.ref(pool))
+    del pool
+    registry.all_pools()
+    gc.collect()
+    assert [r for r in refs[:-1] if r() is not None] == []
+    assert [p for p in registry._retired if p.alias == ALIAS] == []
+    [departed] = registry.departed_stats(ALIAS)
+    assert (departed["pools"], departed["checkouts"]) == (199, 199)
+    assert departed["use_time_histogram"]["count"] == 199
+    assert scrape()[("db_client_connection_use_time_seconds_count", POOL)] == 200
+
+
+def test_the_gauges_of_a_drained_pool_are_not_kept(fake_alias) -> None:
+    old = build(pool_size=1, timeout=0.01)
+    time_out_once(old)
+    held = old.checkout(FakeConnection, None, me())
+    new = build(pool_size=3)
+    new.checkin(new.checkout(FakeConnection, None, me()))
+    old.checkin(held)  # closed at its return: `old` is drained
+    used, idle = (("db_client_connection_count", (*POOL, ("state", s))) for s in ("used", "idle"))
+    got = scrape()
+    assert (got[used], got[idle], got[("db_client_connection_max", POOL)]) == (0, 1, 3)
+    assert got[("db_client_connection_timeouts_total", POOL)] == 1
+    assert [s["retired"] for s in registry.pool_stats(ALIAS)] == [False]  # no phantom row
+    [departed] = registry.departed_stats(ALIAS)
+    assert "idle" not in departed and "checked_out" not in departed
+    registry.close_pools(alias=ALIAS)  # no pool left: counters only, no gauges
+    got = scrape()
+    assert got[("db_client_connection_timeouts_total", POOL)] == 1
+    assert got[("db_client_connection_use_time_seconds_count", POOL)] == 3
+    assert not [k for k in got if k[1] in {POOL, (*POOL, ("state", "used"))}
+                and k[0] in {"db_client_connection_count", "db_client_connection_max"}]
+
+
+def test_departed_totals_are_forgotten_once_their_alias_left_databases(
+    fake_alias, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gone = f"{ALIAS}_gone"
+    gone_pool = (("pool_name", gone),)
+    monkeypatch.setitem(connections.settings, gone, {"ENGINE": "django.db.backends.dummy"})
+
+    def build_gone(n: int) -> ConnectionPool:
+        return registry.get_pool((gone, n), lambda: ConnectionPool(gone, PoolOptions(), TARGET))
+
+    first = build_gone(0)
+    first.checkin(first.checkout(FakeConnection, None, me()))
+    second = build_gone(1)  # retires `first`, which departs
+    held = second.checkout(FakeConnection, None, me())
+    monkeypatch.delitem(connections.settings, gone)
+    build()  # retires `second` (its alias left DATABASES), still lending
+    build()  # a departure: the registry forgets the aliases gone with no pool left
+    assert [d["checkouts"] for d in registry.departed_stats(gone)] == [1]  # not this one yet
+    assert scrape()[("db_client_connection_use_time_seconds_count", gone_pool)] == 1
+    second.checkin(held)
+    registry.all_pools()  # `second` departs: nothing of the alias is left
+    assert registry.departed_stats(gone) == [] and registry.pool_stats(gone) == []
+    assert not [k for k in scrape() if k[1][:1] == gone_pool]
+
+
+def test_a_forked_child_counts_from_zero_and_the_parent_keeps_its_totals(fake_alias) -> None:
+    from tests.backend.test_fork import in_child
+
+    old = build(pool_size=1, timeout=0.01)
+    time_out_once(old)
+    build(pool_size=1, timeout=0.01)
+    assert [d["timeouts"] for d in registry.departed_stats(ALIAS)] == [1]
+
+    def child() -> list[Any]:
+        inherited = registry.departed_stats(ALIAS)
+        time_out_once(build(pool_size=1, timeout=0.01))
+        return [inherited, scrape()[("db_client_connection_timeouts_total", POOL)]]
+
+    assert in_child(child) == {"ok": [[], 1]}
+    assert scrape()[("db_client_connection_timeouts_total", POOL)] == 1
+
+
+def test_the_multiprocess_files_keep_a_drained_pool_s_counts(fake_alias) -> None:
+    mirror = prom._Mirror(value_class=_Value)
+    sampler.subscribe(mirror.write)
+
+    def written() -> dict[str, float]:
+        return {
+            key[2]: value.value
+            for key, value in mirror._values.items()
+            if dict(key[3]).get("pool_name") == ALIAS and key[2].endswith(("_total", "_sum"))
+        }
+
+    try:
+        old = build(pool_size=1, timeout=0.01)
+        time_out_once(old)
+        sampler.sample_now()
+        before = written()
+        assert before["db_client_connection_timeouts_total"] == 1
+        build(pool_size=1, timeout=0.01)  # `old` retired, drained
+        sampler.sample_now()
+        assert written() == before
+    finally:
+        sampler.unsubscribe(mirror.write)
 
 
 # -- close_pools() while connections are lent ---------------------------------------

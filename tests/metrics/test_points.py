@@ -31,6 +31,17 @@ def test_a_retired_pool_adds_its_counts_to_its_alias_and_the_limits_are_the_curr
     }
 
 
+def test_a_departed_entry_adds_its_counts_and_no_gauges():
+    departed = {"alias": "default", "departed": True, "pools": 3, "timeouts": 2}
+    current = pool("default", idle=1, timeouts=1)
+    got = {(p.name, p.state): p.value for p in points([current, departed])}
+    assert got[("db.client.connection.timeouts", None)] == 3
+    assert got[("db.client.connection.count", "idle")] == 1
+    assert got[("db.client.connection.max", None)] == 15
+    only = {(p.name, p.state): p.value for p in points([{**departed, "alias": "gone"}])}
+    assert only == {("db.client.connection.timeouts", None): 2}
+
+
 def test_histograms_of_one_alias_are_merged_bucket_by_bucket():
     def h(counts, total):
         return {"buckets": list(BUCKETS), "counts": counts, "sum": total, "count": sum(counts)}

@@ -1,16 +1,26 @@
-"""The registry of this process's pools, and what happens to it at fork."""
+"""The registry of this process's pools, the totals of those that departed, and fork."""
 
 from __future__ import annotations
 
 import os
 import threading
-import weakref
 from collections.abc import Callable, Hashable
-from typing import Any
+from typing import Any, Literal, TypedDict, cast
 
-from django_postgrespool.pool import ConnectionPool, PoolStats
+from django_postgrespool.metrics import TimingKind
+from django_postgrespool.pool import ConnectionPool, HistogramSnapshot, PoolStats, _Histogram
 
-__all__ = ["all_pools", "close_pools", "get_pool", "on_fork_in_child", "pool_stats"]
+__all__ = [
+    "DepartedStats",
+    "all_pools",
+    "close_pools",
+    "departed_stats",
+    "get_pool",
+    "on_fork_in_child",
+    "pool_stats",
+    "snapshot",
+    "timing_sources",
+]
 
 # Held only while looking up or creating a pool (never while connecting), so
 # that the first requests of several threads agree on one pool per key.
@@ -20,11 +30,117 @@ _pools: dict[Hashable, ConnectionPool] = {}
 # them be garbage-collected would close the parent's connections.
 _abandoned: list[ConnectionPool] = []
 _fork_callbacks: list[Callable[[], Any]] = []
-# Pools retired because their alias's settings changed or the alias was
-# removed: shown by pool_stats() while they still have connections lent.
-# Read and changed under _lock: a WeakSet may not change while it is iterated
-# (list() of it in one thread while another retires a pool raises).
-_retired: weakref.WeakSet[ConnectionPool] = weakref.WeakSet()
+# Pools retired because their alias's settings changed, the alias was removed
+# or close_pools() closed them: held (strongly, under _lock) and shown by
+# pool_stats() until they are closed and drained; then _sweep() adds their
+# counters to _departed and drops them. Nothing runs on a garbage-collection
+# path: a pool is only ever dropped here, by a thread that holds _lock.
+_retired: list[ConnectionPool] = []
+# Per alias, what its departed pools counted: the exporters add it to the
+# alias's pools, so that counters never go backwards when a pool departs.
+# One entry per alias, whatever the number of pools retired; forgotten once
+# the alias has left DATABASES and has no pool left.
+_departed: dict[str, _Departed] = {}
+
+# The counters of PoolStats that only grow over a pool's life (the timings'
+# sums are in the histograms).
+_COUNTERS = (
+    "checkouts",
+    "affinity_hits",
+    "handoffs",
+    "reclaimed",
+    "waits",
+    "timeouts",
+    "leaks",
+    "opened",
+    "recycled",
+    "invalidated",
+    "closed",
+    "connect_failures",
+)
+_KINDS: tuple[TimingKind, ...] = ("wait", "use", "create")
+
+
+class DepartedStats(TypedDict):
+    """What the departed pools of one alias counted, as returned by :func:`departed_stats`."""
+
+    alias: str
+    departed: Literal[True]
+    pools: int
+    checkouts: int
+    affinity_hits: int
+    handoffs: int
+    reclaimed: int
+    waits: int
+    timeouts: int
+    leaks: int
+    opened: int
+    recycled: int
+    invalidated: int
+    closed: int
+    connect_failures: int
+    wait_time: float
+    use_time: float
+    create_time: float
+    wait_time_histogram: HistogramSnapshot
+    use_time_histogram: HistogramSnapshot
+    create_time_histogram: HistogramSnapshot
+
+
+class _Departed:
+    """The counters and timing histograms of an alias's departed pools, summed."""
+
+    __slots__ = ("_histograms", "alias", "counters", "pools")
+
+    def __init__(self, alias: str) -> None:
+        self.alias = alias
+        self.pools = 0
+        self.counters = dict.fromkeys(_COUNTERS, 0)
+        self._histograms = {kind: _Histogram(alias, kind) for kind in _KINDS}
+
+    def add(self, pool: ConnectionPool, stats: PoolStats) -> None:
+        self.pools += 1
+        for key in _COUNTERS:
+            self.counters[key] += stats[key]  # type: ignore[literal-required]
+        mine = self._histograms
+        for kind, histogram in pool.histograms().items():
+            # take(): the least and greatest timing since the OpenTelemetry
+            # feed last read the pool are now this record's to give it.
+            counts, total, low, high = histogram.take()
+            into = mine[kind]
+            into.counts = [a + b for a, b in zip(into.counts, counts, strict=True)]
+            into.total += total
+            into.low, into.high = min(into.low, low), max(into.high, high)
+
+    def histograms(self) -> dict[TimingKind, _Histogram]:
+        return self._histograms
+
+    def taken(self) -> _Departed:
+        """A copy for the OpenTelemetry feed, with the least and greatest timings moved to it."""
+        copy = _Departed(self.alias)
+        for kind, histogram in self._histograms.items():
+            counts, total, low, high = histogram.take()
+            into = copy._histograms[kind]
+            into.counts, into.total, into.low, into.high = counts, total, low, high
+        return copy
+
+    def stats(self) -> DepartedStats:
+        wait, use, create = (self._histograms[kind].snapshot() for kind in _KINDS)
+        return cast(
+            "DepartedStats",
+            {
+                "alias": self.alias,
+                "departed": True,
+                "pools": self.pools,
+                **self.counters,
+                "wait_time": wait["sum"],
+                "use_time": use["sum"],
+                "create_time": create["sum"],
+                "wait_time_histogram": wait,
+                "use_time_histogram": use,
+                "create_time_histogram": create,
+            },
+        )
 
 
 def get_pool(key: Hashable, build: Callable[[], ConnectionPool]) -> ConnectionPool:
@@ -51,7 +167,8 @@ def get_pool(key: Hashable, build: Callable[[], ConnectionPool]) -> ConnectionPo
         ]
         retired = [_pools.pop(k) for k in stale]
         _pools[key] = pool
-        _retired.update(retired)
+        _retired.extend(retired)  # not closed yet: they stay until drained
+        _sweep()
     for other in retired:
         other.close(retired=True)
     return pool
@@ -64,6 +181,30 @@ def _configured_aliases() -> Any:
         return connections.settings
     except Exception:  # settings not configured: nothing to compare with
         return None
+
+
+def _sweep() -> None:
+    """Move each retired pool that is closed and drained into _departed (hold _lock)."""
+    kept = []
+    for pool in _retired:
+        stats = pool.stats()
+        # Closed (a pool is retired before close() runs, outside the lock),
+        # with no connection open and nobody waiting: its counters are final.
+        if not pool.closed or stats["size"] or stats["waiting"]:
+            kept.append(pool)
+            continue
+        departed = _departed.get(pool.alias)
+        if departed is None:
+            departed = _departed[pool.alias] = _Departed(pool.alias)
+        departed.add(pool, stats)
+    if len(kept) < len(_retired):
+        _retired[:] = kept
+        # An alias gone from DATABASES, with no pool left: its series end.
+        configured = _configured_aliases()
+        if configured is not None:
+            live = {pool.alias for pool in (*_pools.values(), *_retired)}
+            for alias in [a for a in _departed if a not in configured and a not in live]:
+                del _departed[alias]
 
 
 def close_pools(alias: str | None = None, database: str | None = None) -> int:
@@ -80,25 +221,52 @@ def close_pools(alias: str | None = None, database: str | None = None) -> int:
             and (database is None or pool.target["database"] == database)
         ]
         pools = [_pools.pop(key) for key in doomed]
-        _retired.update(pools)  # shown by pool_stats() while they still lend
+        _retired.extend(pools)  # shown by pool_stats() while they still lend
+        _sweep()
     for pool in pools:
         pool.close(retired=True)
     return len(pools)
 
 
-def pool_stats(alias: str | None = None) -> list[PoolStats]:
-    """Return a snapshot of each of this process's pools (of ``alias`` if given)."""
+def snapshot(alias: str | None = None) -> tuple[list[PoolStats], list[DepartedStats]]:
+    """Return :func:`pool_stats` and :func:`departed_stats`, read at one moment.
+
+    What the exporters sum per alias: a pool that departs in between is
+    counted once, never twice nor not at all.
+    """
     with _lock:
-        pools = list(_pools.values())
-        retired = list(_retired)
-    pools += [pool for pool in retired if pool.in_use() > 0]
-    return [pool.stats() for pool in pools if alias is None or pool.alias == alias]
+        _sweep()
+        pools = [p for p in (*_pools.values(), *_retired) if alias is None or p.alias == alias]
+        departed = [d.stats() for a, d in _departed.items() if alias is None or a == alias]
+    return [pool.stats() for pool in pools], departed
+
+
+def pool_stats(alias: str | None = None) -> list[PoolStats]:
+    """Return a snapshot of each of this process's pools (of ``alias`` if given).
+
+    The current pools, and the retired ones until they are closed and drained
+    (then their counts are in :func:`departed_stats`).
+    """
+    return snapshot(alias)[0]
+
+
+def departed_stats(alias: str | None = None) -> list[DepartedStats]:
+    """Return, per alias, what its pools that were retired or closed, then drained, counted."""
+    return snapshot(alias)[1]
 
 
 def all_pools() -> list[ConnectionPool]:
-    """Every pool of this process: the current ones and retired ones not yet collected."""
+    """Every pool of this process: the current ones and retired ones not yet drained."""
     with _lock:
-        return list(_pools.values()) + list(_retired)
+        _sweep()
+        return [*_pools.values(), *_retired]
+
+
+def timing_sources() -> list[Any]:
+    """Every pool and each alias's departed histograms, at one moment (the OpenTelemetry feed's)."""
+    with _lock:
+        _sweep()
+        return [*_pools.values(), *_retired, *(d.taken() for d in _departed.values())]
 
 
 def on_fork_in_child(callback: Callable[[], Any]) -> None:
@@ -117,8 +285,12 @@ def _after_fork_in_parent() -> None:
 def _after_fork_in_child() -> None:
     global _lock, _pools
     _lock = threading.Lock()
-    inherited, _pools = list(_pools.values()) + list(_retired), {}
+    inherited, _pools = list(_pools.values()) + _retired, {}
     _retired.clear()
+    # The child counts from zero: what the parent's pools counted stays the
+    # parent's to report (with prometheus_client's multiprocess files, both
+    # would be summed).
+    _departed.clear()
     devnull = os.open(os.devnull, os.O_RDWR)
     try:
         for pool in inherited:

@@ -8,9 +8,10 @@ whichever is installed; ``POSTGRESPOOL_METRICS = False`` turns them all off.
 
 Two ways in for an exporter:
 
-* a snapshot of every pool (``pool_stats()``), read when the exporter is
-  collected, turned into :class:`Point` values by :func:`points` (the one
-  place that maps the pool's counters to the metric names);
+* a snapshot of every pool and of what each alias's departed pools counted
+  (:func:`snapshot`), read when the exporter is collected, turned into
+  :class:`Point` values by :func:`points` (the one place that maps the pool's
+  counters to the metric names);
 * the timing hook: the pool calls :func:`notify_timing` for each checkout's
   wait, each checkout's use and each new physical connection, only while
   :data:`timing_observers` is not empty (so an app without an exporter that
@@ -35,6 +36,7 @@ __all__ = [
     "quantile",
     "register_exporters",
     "remove_timing_observer",
+    "snapshot",
     "timing_observers",
 ]
 
@@ -108,6 +110,20 @@ def register_exporters() -> None:
 
 # -- the metrics, from a snapshot ------------------------------------------
 
+
+def snapshot() -> list[Mapping[str, Any]]:
+    """Return ``pool_stats()``, then ``departed_stats()`` (one entry per alias), read at one moment.
+
+    What :func:`points` takes: a pool retired or closed, then drained, leaves
+    ``pool_stats()`` but its counts stay in its alias's departed entry, so
+    the counters exported per alias never go backwards.
+    """
+    from django_postgrespool.registry import snapshot as registry_snapshot
+
+    pools, departed = registry_snapshot()
+    return [*pools, *departed]
+
+
 # (OpenTelemetry name, kind, unit, description); the Prometheus name is the
 # OpenTelemetry one with dots as underscores, "_seconds" for the unit s and
 # "_total" on a counter's sample.
@@ -155,36 +171,39 @@ class Point(NamedTuple):
 
 
 def points(stats: Iterable[Mapping[str, Any]]) -> list[Point]:
-    """Turn ``pool_stats()`` into metric points, one pool name per alias.
+    """Turn :func:`snapshot` (or ``pool_stats()``) into metric points, one pool name per alias.
 
     A retired pool still lending connections shares its alias with the
     current pool: their counts and timings add up; the limits are the current
-    pool's.
+    pool's. A departed entry (``departed_stats()``) adds its counts and
+    timings only: an alias with no pool now has no gauges.
     """
     by_alias: dict[str, list[Mapping[str, Any]]] = {}
     for s in stats:
         by_alias.setdefault(s["alias"], []).append(s)
     out: list[Point] = []
-    for alias, pools in by_alias.items():
-        current = next((p for p in pools if not p.get("retired")), pools[0])
+    for alias, entries in by_alias.items():
+        pools = [p for p in entries if not p.get("departed")]
 
         def total(key: str, pools: list[Mapping[str, Any]] = pools) -> int:
             return sum(int(p.get(key) or 0) for p in pools)
 
-        out += [
-            Point("db.client.connection.count", alias, "idle", total("idle")),
-            Point("db.client.connection.count", alias, "used", total("checked_out")),
-            # QueuePool keeps at most pool_size connections when they come
-            # back; overflow ones are closed. Nothing is opened ahead of use.
-            Point("db.client.connection.idle.max", alias, None, current["pool_size"]),
-            Point("db.client.connection.idle.min", alias, None, 0),
-            Point("db.client.connection.max", alias, None,
-                  current["pool_size"] + current["max_overflow"]),
-            Point("db.client.connection.pending_requests", alias, None, total("waiting")),
-            Point("db.client.connection.timeouts", alias, None, total("timeouts")),
-        ]
+        if pools:
+            current = next((p for p in pools if not p.get("retired")), pools[0])
+            out += [
+                Point("db.client.connection.count", alias, "idle", total("idle")),
+                Point("db.client.connection.count", alias, "used", total("checked_out")),
+                # QueuePool keeps at most pool_size connections when they come
+                # back; overflow ones are closed. Nothing is opened ahead of use.
+                Point("db.client.connection.idle.max", alias, None, current["pool_size"]),
+                Point("db.client.connection.idle.min", alias, None, 0),
+                Point("db.client.connection.max", alias, None,
+                      current["pool_size"] + current["max_overflow"]),
+                Point("db.client.connection.pending_requests", alias, None, total("waiting")),
+            ]
+        out.append(Point("db.client.connection.timeouts", alias, None, total("timeouts", entries)))
         for name, kind, _ in HISTOGRAMS:
-            merged = _merge([p.get(f"{kind}_time_histogram") for p in pools])
+            merged = _merge([p.get(f"{kind}_time_histogram") for p in entries])
             if merged is not None:
                 out.append(Point(name, alias, None, merged))
     return out

@@ -9,7 +9,8 @@ nothing more.
 
 Instruments (every one with ``db.client.connection.pool.name``, the alias):
 
-* observable, read from ``pool_stats()`` when the SDK collects:
+* observable, read from ``pool_stats()`` (and, for the counter, what the
+  alias's departed pools counted: ``departed_stats()``) when the SDK collects:
   ``db.client.connection.count`` (with ``db.client.connection.state`` =
   ``idle`` | ``used``), ``db.client.connection.idle.max``,
   ``db.client.connection.idle.min``, ``db.client.connection.max``,
@@ -23,15 +24,17 @@ The API has no observable histogram, and an SDK's ``record()`` costs about
 6 µs (two per request: 12 µs, more than the pool's whole tax). So a checkout
 records nothing for OpenTelemetry: the pool keeps its own fixed-bucket
 histograms (the same bounds), and at each collection, before the SDK reads its
-histograms, what the pools counted since the last collection is added to the
-SDK's explicit-bucket aggregations: bucket counts, sum, and the least and
-greatest timing of the interval; exact, at a cost per collection, not per
-request. That reaches into the SDK's aggregations, which the API does not
-expose: the feed checks their shape first (the OpenTelemetry Python SDK's own,
-with the pool's bucket bounds, no attribute filter dropping the pool name) and
-otherwise records every timing through the API (``record()``) from a queue the
-pool fills as it times (the *replay* feed: the same figures, at the SDK's
-price, paid by the collecting thread). A view that changes the histograms'
+histograms, what the pools of each alias counted since the last collection
+(those retired or closed, then drained, included: the registry keeps their
+totals per alias) is added to the SDK's explicit-bucket aggregations: bucket
+counts, sum, and the least and greatest timing of the interval; exact, at a
+cost per collection, not per request. That reaches into the SDK's
+aggregations, which the API does not expose: the feed checks their shape
+first (the OpenTelemetry Python SDK's own, with the pool's bucket bounds, no
+attribute filter dropping the pool name) and otherwise records every timing
+through the API (``record()``) from a queue the pool fills as it times (the
+*replay* feed: the same figures, at the SDK's price, paid by the collecting
+thread). A view that changes the histograms'
 aggregation or bounds selects the replay feed.
 """
 
@@ -40,9 +43,9 @@ from __future__ import annotations
 import bisect
 import logging
 import math
+import os
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -61,6 +64,7 @@ from django_postgrespool.metrics import (
     add_timing_observer,
     points,
     remove_timing_observer,
+    snapshot,
 )
 
 __all__ = ["POOL_NAME", "STATE", "Instruments", "register"]
@@ -98,11 +102,12 @@ class Instruments:
         self._snapshot: tuple[float, dict[str, list[Point]]] = (float("-inf"), {})
         self._attributes: dict[str, dict[str, str]] = {}
         self._pending: deque[tuple[str, TimingKind, float]] = deque(maxlen=MAX_PENDING)
-        self._pools = pools or _all_pools
-        # The pools' histograms already added to the SDK's: (the pool, counts, sum).
-        self._fed: weakref.WeakKeyDictionary[Any, tuple[Any, list[int], float]] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._pools = pools or _timing_sources
+        # What was added to the SDK's histograms, per (alias, kind): the
+        # counts and sum of the alias's pools and departed pools, all summed;
+        # in this process (a forked child counts from zero).
+        self._fed: dict[tuple[str, TimingKind], tuple[list[int], float]] = {}
+        self._fed_pid = os.getpid()
         self._allow_merge = merge
         self.feed: str | None = None  # "merge" | "replay" once an SDK is there
         for name, unit, text in GAUGES:
@@ -175,35 +180,45 @@ class Instruments:
         return labels
 
     def _merge(self) -> None:
-        fed = self._fed
         targets = {}
         for kind, instrument in self._histograms.items():
             matches = _sdk_matches(instrument)
             if matches is None:
                 raise _CannotMerge("an unknown SDK or a view with another aggregation")
             targets[kind] = (instrument, matches)
-        for pool in list(self._pools()):
-            for kind, histogram in pool.histograms().items():
+        if self._fed_pid != os.getpid():
+            self._fed, self._fed_pid = {}, os.getpid()
+        # Summed per alias: a pool that departs (retired or closed, then
+        # drained) moves its counts to its alias's departed totals, which the
+        # registry gives here with the pools, read at one moment.
+        now: dict[tuple[str, TimingKind], tuple[list[int], float, float, float]] = {}
+        for source in list(self._pools()):
+            for kind, histogram in source.histograms().items():
                 counts, total, low, high = histogram.take()
-                _, before, total_before = fed.get(histogram, (None, None, 0.0))
-                fed[histogram] = (pool, counts, total)
-                if before is None:  # first seen: from zero
-                    before = [0] * len(counts)
-                new = [now - then for now, then in zip(counts, before, strict=True)]
-                if any(new):
-                    instrument, matches = targets[kind]
-                    _add(instrument, matches, self._labels(pool.alias), new,
-                         total - total_before, low, high)
-                elif total != total_before:
-                    # take() reads the counts, then the sum, with no lock:
-                    # a checkout timed in between is in the sum only. Its
-                    # seconds go with its count, at the next collection.
-                    fed[histogram] = (pool, counts, total_before)
-        # A pool is held here until it is closed and drained, and its last
-        # counts fed; then its entry goes when the pool is garbage-collected.
-        for histogram, (pool, counts, total) in list(fed.items()):
-            if pool is not None and pool.closed and not pool.in_use():
-                fed[histogram] = (None, counts, total)
+                key = (source.alias, kind)
+                if key in now:
+                    had, had_total, had_low, had_high = now[key]
+                    counts = [a + b for a, b in zip(had, counts, strict=True)]
+                    total, low, high = had_total + total, min(had_low, low), max(had_high, high)
+                now[key] = (counts, total, low, high)
+        fed = self._fed
+        for key, (counts, total, low, high) in now.items():
+            before, total_before = fed.get(key, (None, 0.0))
+            if before is None or any(n < b for n, b in zip(counts, before, strict=True)):
+                before, total_before = [0] * len(counts), 0.0  # first seen, or counting again
+            new = [n - b for n, b in zip(counts, before, strict=True)]
+            if any(new):
+                instrument, matches = targets[key[1]]
+                _add(instrument, matches, self._labels(key[0]), new, total - total_before,
+                     low, high)
+                fed[key] = (counts, total)
+            else:
+                # take() reads the counts, then the sum, with no lock: a
+                # checkout timed in between is in the sum only. Its seconds
+                # go with its count, at the next collection.
+                fed[key] = (counts, total_before)
+        for key in [k for k in fed if k not in now]:  # an alias gone from DATABASES
+            del fed[key]
 
     def _points(self, first: bool) -> dict[str, list[Point]]:
         now = time.monotonic()
@@ -215,10 +230,8 @@ class Instruments:
                 # histograms, so what is fed here is part of this collection.
                 self.flush()
             if first or now - taken > _SNAPSHOT_TTL:
-                from django_postgrespool.registry import pool_stats
-
                 by_name = {}
-                for point in points(pool_stats()):
+                for point in points(snapshot()):
                     by_name.setdefault(point.name, []).append(point)
                 self._snapshot = (now, by_name)
         return by_name
@@ -238,10 +251,10 @@ class _CannotMerge(Exception):
     pass
 
 
-def _all_pools() -> list[Any]:
-    from django_postgrespool.registry import all_pools
+def _timing_sources() -> list[Any]:
+    from django_postgrespool.registry import timing_sources
 
-    return all_pools()
+    return timing_sources()
 
 
 _BOUNDS = tuple(float(b) for b in DEFAULT_TIME_BUCKETS)

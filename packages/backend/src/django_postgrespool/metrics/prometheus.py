@@ -49,7 +49,15 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from django_postgrespool.metrics import COUNTERS, GAUGES, HISTOGRAMS, Histogram, Point, points
+from django_postgrespool.metrics import (
+    COUNTERS,
+    GAUGES,
+    HISTOGRAMS,
+    Histogram,
+    Point,
+    points,
+    snapshot,
+)
 
 __all__ = ["PoolCollector", "mark_process_dead", "metrics_view", "multiprocess_mode", "register"]
 
@@ -78,9 +86,7 @@ def multiprocess_mode() -> bool:
 
 
 def _pool_stats() -> list[Mapping[str, Any]]:
-    from django_postgrespool.registry import pool_stats
-
-    return list(pool_stats())
+    return snapshot()
 
 
 def _labels(point: Point) -> tuple[list[str], list[str]]:

@@ -4,7 +4,9 @@ For what must be known between requests: a Prometheus scrape of one gunicorn
 worker reports the other workers from what their samplers last wrote, and the
 example's pool page draws the last minutes from what its sampler kept.
 
-It only reads ``pool_stats()``: it never builds a pool or opens a connection.
+It only reads the pools' figures (``django_postgrespool.metrics.snapshot()``:
+``pool_stats()``, then what each alias's departed pools counted): it never
+builds a pool or opens a connection.
 It starts in the process that serves requests, at its first request
 (``start_on_first_request()``): a thread does not survive ``fork()``, so a
 sampler started in gunicorn's master before the workers are forked would run
@@ -43,7 +45,12 @@ _running_in: int | None = None
 
 
 def subscribe(subscriber: Subscriber) -> None:
-    """Call ``subscriber(pool_stats())`` at each tick of this process's sampler."""
+    """Call ``subscriber(snapshot())`` at each tick of this process's sampler.
+
+    ``snapshot()`` is ``django_postgrespool.metrics.snapshot()``: the
+    ``pool_stats()`` entries, then one ``departed_stats()`` entry per alias
+    (``"departed": True``) whose pools were retired or closed, then drained.
+    """
     with _lock:
         if subscriber not in _subscribers:
             _subscribers.append(subscriber)
@@ -114,9 +121,9 @@ def ensure_running() -> None:
 
 def sample_now() -> list[Mapping[str, Any]]:
     """Read the pools and pass the snapshot to every subscriber; return it."""
-    from django_postgrespool.registry import pool_stats
+    from django_postgrespool.metrics import snapshot
 
-    stats: list[Mapping[str, Any]] = list(pool_stats())
+    stats = snapshot()
     with _lock:
         subscribers = list(_subscribers)
     for subscriber in subscribers:
