@@ -259,10 +259,21 @@ class PooledDatabaseWrapperMixin:
             self.connection = lease.raw
             self.isolation_level = lease.isolation_level
             self.autocommit = self.settings_dict["AUTOCOMMIT"]  # type: ignore[attr-defined]
+            self.run_on_commit: list[Any] = []
             # As Django sends it at every connect(): receivers see each checkout.
             if connection_created.receivers:
-                connection_created.send(sender=self.__class__, connection=self)
-            self.run_on_commit: list[Any] = []
+                try:
+                    connection_created.send(sender=self.__class__, connection=self)
+                except BaseException:
+                    # A receiver's setup (a tenant's search_path, say) failed
+                    # midway: the next query must not run without it, on the
+                    # previous borrower's session. Given back (reset), so the
+                    # next query borrows again and the receivers run again.
+                    self._lease = None
+                    self.connection = None
+                    self._checkout_returned_at = now = time.monotonic()
+                    lease.pool.checkin(lease, now, lease.borrowed_at)
+                    raise
             return
         self._connect_new(lease)
 
@@ -331,9 +342,23 @@ class PooledDatabaseWrapperMixin:
         return wrapped
 
     def set_autocommit(self, autocommit: bool, *args: Any, **kwargs: Any) -> None:
-        super().set_autocommit(autocommit, *args, **kwargs)  # type: ignore[misc]
-        if autocommit:  # the end of an atomic block, its on_commit callbacks run
-            self._release_if_idle()
+        try:
+            super().set_autocommit(autocommit, *args, **kwargs)  # type: ignore[misc]
+        finally:
+            # The end of an atomic block, its on_commit callbacks run (one
+            # that raised too: the connection is not needed any more).
+            if autocommit:
+                self._release_if_idle()
+
+    def get_autocommit(self) -> bool:
+        # With lease='transaction' and nothing borrowed, the answer is known
+        # without borrowing a connection that nothing would give back
+        # (on_commit() outside atomic asks, then runs its callback at once):
+        # a borrow would set the AUTOCOMMIT setting (self.autocommit may
+        # still be what a closed connection had).
+        if self._per_transaction and self._lease is None and self.connection is None:  # type: ignore[attr-defined]
+            return bool(self.settings_dict["AUTOCOMMIT"])  # type: ignore[attr-defined]
+        return bool(super().get_autocommit())  # type: ignore[misc]
 
     def _release_if_idle(self) -> None:
         """With lease='transaction', give the connection back if nothing needs it now.
@@ -418,7 +443,9 @@ class PooledDatabaseWrapperMixin:
         # The fast way of close_if_unusable_or_obsolete() skips these: only
         # for a class that kept Django's own.
         cls._djangos_close = all(
-            getattr(cls, name) is getattr(BaseDatabaseWrapper, name) for name in _SKIPPED_AT_CLOSE
+            getattr(cls, name)
+            in (getattr(BaseDatabaseWrapper, name), PooledDatabaseWrapperMixin.__dict__.get(name))
+            for name in _SKIPPED_AT_CLOSE
         )
 
     def close_if_unusable_or_obsolete(self) -> None:
@@ -584,15 +611,14 @@ class PooledDatabaseWrapperMixin:
             port=str(self.settings_dict["PORT"] or given or "5432"),  # type: ignore[attr-defined]
             user=str(self.settings_dict["USER"] or given or "(default)"),  # type: ignore[attr-defined]
         )
-        attrs = str(self.settings_dict["OPTIONS"].get("target_session_attrs", "")).lower()  # type: ignore[attr-defined]
+        attrs = self.settings_dict["OPTIONS"].get("target_session_attrs")  # type: ignore[attr-defined]
         return ConnectionPool(
             alias,
             options,
             target,
             autocommit=self.settings_dict["AUTOCOMMIT"],  # type: ignore[attr-defined]
             connect_errors=(self.Database.OperationalError,),  # type: ignore[attr-defined]
-            require_primary=attrs == "primary",
-            require_writable=attrs == "read-write",
+            session_attrs=None if attrs is None else str(attrs).lower(),
         )
 
 

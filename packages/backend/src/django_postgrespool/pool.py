@@ -398,8 +398,7 @@ class ConnectionPool:
         *,
         autocommit: bool = True,
         connect_errors: tuple[type[BaseException], ...] = (),
-        require_primary: bool = False,
-        require_writable: bool = False,
+        session_attrs: str | None = None,
     ) -> None:
         self.alias = alias
         self.autocommit = autocommit
@@ -419,22 +418,16 @@ class ConnectionPool:
         self._rounds = range(options.max_connections + 2)
         self._discard_all = options.reset == "discard"
         self._connect_errors = connect_errors
-        # With target_session_attrs=read-write, a ping also proves the server
-        # is not (or no longer) in recovery.
-        # With target_session_attrs=primary or read-write, libpq checks the
-        # server only when it connects; a pooled session outlives a demotion
-        # (a server made read-only, a standby that took over the address):
-        # every checkout then asks again, in one round trip.
-        self._require_primary = require_primary or require_writable
-        if require_writable:
-            self._ping_sql = (
-                "SELECT NOT pg_is_in_recovery()"
-                " AND current_setting('transaction_read_only') = 'off'"
-            )
-        elif require_primary:
-            self._ping_sql = "SELECT NOT pg_is_in_recovery()"
-        else:
-            self._ping_sql = "SELECT true"
+        # libpq checks target_session_attrs only when it connects; a pooled
+        # session outlives a demotion (a server made read-only, a standby that
+        # took over the address) or a promotion: with a value that refuses
+        # some servers, every checkout asks again, in one round trip. Given
+        # in OPTIONS (session_attrs), or found on the first connection opened
+        # (a libpq service file, PGTARGETSESSIONATTRS): see _learn_attrs().
+        self._ping_sql = "SELECT true"
+        self._recheck = False
+        self.session_attrs: str | None = None
+        self._expect(session_attrs)
         # Connections opened before the last disconnect this pool saw get a
         # real ping at their next checkout (see _check).
         self._suspect_before = float("-inf")
@@ -635,6 +628,7 @@ class ConnectionPool:
             else recycle * (1.0 - _RECYCLE_SPREAD * random.random())
         )
         lease = Lease(self, fairy, lifetime)
+        self._learn_attrs(lease.raw)
         _hear_farewell(lease)
         if self._pre_ping == "socket":
             _poller(lease)
@@ -642,6 +636,24 @@ class ConnectionPool:
             self._leases.add(lease)
         self._opened += 1
         return lease
+
+    def _expect(self, session_attrs: str | None) -> None:
+        """Check at each checkout that the server still is what ``session_attrs`` asks."""
+        sql = _SESSION_CHECKS.get(session_attrs or "")
+        if sql is None:  # any, prefer-standby (which takes a primary when it must)
+            self._recheck = False
+            self._ping_sql = "SELECT true"
+            self.session_attrs = None
+            return
+        self._ping_sql = sql  # before _recheck: a checkout may read both meanwhile
+        self._recheck = True
+        self.session_attrs = session_attrs
+
+    def _learn_attrs(self, raw: Any) -> None:
+        """Take the target_session_attrs libpq connected ``raw`` with, wherever it was given."""
+        found = _target_session_attrs(raw)
+        if found is not None and found != (self.session_attrs or "any"):
+            self._expect(found)
 
     def _note_connect_failure(self, error: BaseException) -> None:
         now = time.monotonic()
@@ -841,7 +853,7 @@ class ConnectionPool:
         """Tell why an idle ``lease`` must not be lent at ``now``, if it must not."""
         if now >= lease.expires:
             return _TOO_OLD
-        mode = True if self._require_primary else self._pre_ping
+        mode = True if self._recheck else self._pre_ping
         if lease.verified < self._suspect_before:
             # Opened before a disconnect this pool saw: ping it once rather
             # than hand it out to fail in its turn.
@@ -1298,6 +1310,41 @@ def _create(record: Any) -> Any:
 
 
 _transaction_status = operator.attrgetter("transaction_status")
+
+# target_session_attrs whose servers a session can stop being (promoted,
+# demoted, made read-only): the query a checkout asks, true if it still is.
+_SESSION_CHECKS = {
+    "read-write": (
+        "SELECT NOT pg_is_in_recovery() AND current_setting('transaction_read_only') = 'off'"
+    ),
+    "primary": "SELECT NOT pg_is_in_recovery()",
+    "standby": "SELECT pg_is_in_recovery()",
+    "read-only": (
+        "SELECT pg_is_in_recovery() OR current_setting('transaction_read_only') = 'on'"
+    ),
+}
+
+
+def _target_session_attrs(raw: Any) -> str | None:
+    """The target_session_attrs libpq used for ``raw`` (None if it cannot tell).
+
+    Read from libpq's own record of the connection: OPTIONS, a service file
+    and PGTARGETSESSIONATTRS all end up there.
+    """
+    try:
+        pgconn = getattr(raw, "pgconn", None)
+        if pgconn is not None:  # psycopg 3
+            for option in pgconn.info:
+                if option.keyword == b"target_session_attrs":
+                    return None if option.val is None else option.val.decode().lower()
+            return None
+        get_parameters = getattr(raw, "get_dsn_parameters", None)  # psycopg2
+        if get_parameters is not None:
+            value = get_parameters().get("target_session_attrs")
+            return None if value is None else str(value).lower()
+    except Exception:  # a closed connection, an older libpq: no re-check learnt
+        return None
+    return None
 
 
 def _status_reader(raw: Any) -> Callable[[], int]:

@@ -6,10 +6,12 @@
 
 A thin layer over dj-database-url: it parses the URL, this module picks the
 engine (``django_postgrespool``, or ``django_postgrespool.postgis`` for a
-PostGIS URL) and moves the pool options of the query string into
-``POOL_OPTIONS``, where the backend reads per-alias options. Values are
-checked by :func:`django_postgrespool.options.normalize_pool_options`, the
-backend's own validation. Importing this module also registers the
+PostGIS URL), reads a host list, keeps the query string's text for libpq
+where dj-database-url's int/bool typing would change it, and moves the pool
+options of the query string into ``POOL_OPTIONS``, where the backend reads
+per-alias options. Values are checked by
+:func:`django_postgrespool.options.normalize_pool_options`, the backend's own
+validation. Importing this module also registers the
 ``postgrespool://`` and ``postgrespool+postgis://`` schemes with
 dj-database-url, so a plain ``dj_database_url.config()`` works too.
 """
@@ -116,8 +118,21 @@ class DatabaseURLError(ImproperlyConfigured, ValueError):  # type: ignore[misc]
 _describing: ContextVar[str | None] = ContextVar("django_postgrespool_dburl_source", default=None)
 
 
+# The query keys whose value libpq reads as a password.
+_PASSWORD_KEYS = frozenset({"password", "sslpassword"})
+# A query key: after "?" or "&", up to its "=". Its value ends at the next
+# "&" or "#". A key after a "?" inside another's value ("?a=b?password=x")
+# is found too (parse_qsl reads it as part of that value): masking more is safe.
+_QUERY_KEY = re.compile(r"[?&]([^?&#=]*)=")
+_VALUE_END = re.compile(r"[&#]")
+
+
 def mask_password(url: str) -> str:
-    """Return ``url`` with its password (in the authority or the query) masked."""
+    """Return ``url`` with its password (in the authority or the query) masked.
+
+    A query key is compared decoded, as dj-database-url reads it and libpq
+    gets it: ``pass%77ord=`` and ``%70assword=`` are masked like ``password=``.
+    """
     start = url.find("://")
     start = 0 if start < 0 else start + 3
     # The last "@" ends the user info even when a password holds an unquoted
@@ -127,7 +142,21 @@ def mask_password(url: str) -> str:
         colon = url.find(":", start, at)
         if colon >= 0:
             url = f"{url[: colon + 1]}{_MASK}{url[at:]}"
-    return re.sub(r"([?&](?:ssl)?password=)[^&#]*", rf"\g<1>{_MASK}", url, flags=re.IGNORECASE)
+    shown, done = [], 0
+    for key in _QUERY_KEY.finditer(url):
+        if key.start() < done or not _is_password_key(key.group(1)):
+            continue  # not a password, or inside a value masked already
+        end = _VALUE_END.search(url, key.end())
+        shown.append(f"{url[done : key.end()]}{_MASK}")
+        done = end.start() if end else len(url)
+    return "".join(shown) + url[done:]
+
+
+def _is_password_key(raw: str) -> bool:
+    # Decoded as parse_qsl does ("+" is a space); libpq skips the blanks
+    # around a keyword in a conninfo string. Its keywords are lower case;
+    # any case is masked.
+    return urllib.parse.unquote_plus(raw).strip().lower() in _PASSWORD_KEYS
 
 
 def _describe(url: str, label: str) -> str:
@@ -161,6 +190,48 @@ def _move_pool_options(settings: PooledDBConfig, source: str) -> None:
     }
 
 
+# OPTIONS that Django or the driver reads itself, not libpq: they keep
+# dj-database-url's int or bool (IsolationLevel(3), "server_side_binding is
+# True", psycopg's prepare_threshold, a false "pool").
+_TYPED_OPTIONS = frozenset({"isolation_level", "server_side_binding", "prepare_threshold", "pool"})
+
+
+def _keep_as_written(settings: PooledDBConfig, query: str) -> None:
+    """Give back the query string's text to the ``OPTIONS`` that libpq reads.
+
+    dj-database-url turns an all-digit value into an int and "true"/"false"
+    into a bool; libpq gets ``str()`` of it, so ``password=0123`` would log in
+    with ``123`` and ``application_name=true`` show ``True``. A value keeps
+    dj-database-url's type only where libpq gets the very same text
+    (``keepalives_idle=5``); else the string as written. Pool options are
+    left to their own validation, and the values dj-database-url did not
+    take from the query as they are (``ssl_require``) are strings.
+    """
+    options: dict[str, Any] = settings.get("OPTIONS") or {}
+    written: dict[str, list[str]] = {}
+    for key, value in urllib.parse.parse_qsl(query):  # as dj-database-url's parse_qs
+        written.setdefault(key, []).append(value)
+    # dj-database-url makes currentSchema libpq's options from the converted
+    # value: "0123" gave search_path=123, and "0" or "false" none at all.
+    schemas = written.get("currentSchema", [])
+    if len(schemas) == 1:
+        options["options"] = f"-c search_path={schemas[0]}"
+    for key, texts in written.items():
+        if key not in options or key in _TYPED_OPTIONS or key in POOL_OPTION_NAMES:
+            continue
+        value = options[key]
+        parsed = value if isinstance(value, list) else [value]
+        if len(parsed) != len(texts):
+            continue  # not the query's values
+        kept = [
+            item if isinstance(item, str) or str(item) == text else text
+            for item, text in zip(parsed, texts, strict=True)
+        ]
+        options[key] = kept if isinstance(value, list) else kept[0]
+    if options:
+        settings["OPTIONS"] = options
+
+
 def _scheme_hook(scheme: str) -> dj_database_url.PostprocessCallable:
     def postprocess(settings: dj_database_url.DBConfig) -> None:
         dj_database_url.apply_current_schema(settings)
@@ -188,7 +259,10 @@ def _hosts(netloc: str, where: str) -> tuple[str, str] | None:
         return None
     hosts, ports = [], []
     for item in hostlist.split(","):
-        match = re.fullmatch(r"(\[[^\]]*\]|[^:\[\]]*)(?::(\d*))?", item)
+        # [0-9], not \d: a port of other Unicode digits (fullwidth, Arabic-Indic)
+        # is refused here as urllib refuses it on a single host; libpq would
+        # refuse it only at the first connection.
+        match = re.fullmatch(r"(\[[^\]]*\]|[^:\[\]]*)(?::([0-9]*))?", item)
         if match is None or not match.group(1):
             raise DatabaseURLError(
                 f"{where}: host {mask_password(item)!r} of the host list is not HOST or HOST:PORT."
@@ -207,13 +281,19 @@ def _hosts(netloc: str, where: str) -> tuple[str, str] | None:
 def _userinfo_cut_short(split: urllib.parse.SplitResult) -> bool:
     """Tell whether an unencoded / ? or # in the password ended the authority early.
 
-    Then the user info's "@" is left in the path, the fragment or the query's
-    first key, and pieces of the password would be read as hosts and ports.
+    Then the user info's "@" is left in the path, the fragment or the query,
+    and pieces of the password would be read as hosts and ports: with
+    ``app:2024?Summer=1@db/shop``, host ``app``, port 2024 and a libpq option
+    ``Summer``. A "?" that ends the authority leaves the path empty, so an "@"
+    anywhere in such a query is refused; after a path (``/shop?...``) only
+    the first key is looked at, and a value such as ``application_name=me@corp``
+    stays valid.
     """
     if "@" in split.netloc:
         return False
-    first_key = split.query.partition("=")[0]
-    return "@" in split.path or "@" in split.fragment or "@" in first_key
+    if "@" in split.path or "@" in split.fragment:
+        return True
+    return "@" in (split.query if not split.path else split.query.partition("=")[0])
 
 
 def _not_a_url(where: str) -> DatabaseURLError:
@@ -335,6 +415,8 @@ def _parse(
         _describing.reset(token)
     if hosts is not None:
         settings["HOST"], settings["PORT"] = hosts
+    if split is not None:
+        _keep_as_written(settings, split.query)
     _move_pool_options(settings, where)
     if pool_kwargs:
         settings["POOL_OPTIONS"] = {
