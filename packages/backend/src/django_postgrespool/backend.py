@@ -9,14 +9,16 @@ into, the pool of :mod:`django_postgrespool.pool`.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from asyncio import _get_running_loop
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Iterator, Mapping
 from threading import current_thread, get_ident
 from typing import Any, TypedDict
 
 from django.conf import settings
-from django.core.exceptions import ImproperlyConfigured
+from django.core.exceptions import ImproperlyConfigured, SynchronousOnlyOperation
 from django.db import connections
 from django.db.backends.base.base import NO_DB_ALIAS, BaseDatabaseWrapper
 from django.db.backends.postgresql import base as postgresql_base
@@ -76,14 +78,21 @@ class DatabaseCreation(PostgreSQLCreation):
     # is connected to that database, and idle pooled connections are sessions.
 
     def _clone_test_db(self, suffix: str, verbosity: int, keepdb: bool = False) -> None:
-        self.connection.close()
-        registry.close_pools(database=self.connection.settings_dict["NAME"])
+        self._let_go(self.connection.settings_dict["NAME"])
         super()._clone_test_db(suffix, verbosity, keepdb)  # type: ignore[misc]
 
     def _destroy_test_db(self, test_database_name: str, verbosity: int) -> None:
-        self.connection.close()
-        registry.close_pools(database=test_database_name)
+        self._let_go(test_database_name)
         super()._destroy_test_db(test_database_name, verbosity)  # type: ignore[misc]
+
+    def _let_go(self, database: str) -> None:
+        # This thread's wrappers on that database give their connections back
+        # (a TEST MIRROR alias shares this alias's settings), then its pools close.
+        self.connection.close()
+        for wrapper in connections.all(initialized_only=True):
+            if wrapper.connection is not None and wrapper.settings_dict["NAME"] == database:
+                wrapper.close()
+        registry.close_pools(database=database)
 
 
 class _SettingsChanged(Exception):
@@ -209,6 +218,13 @@ class PooledDatabaseWrapperMixin:
             # connection of its own, as with the stock engine.
             super().connect()  # type: ignore[misc]
             return
+        # What Django's connect() does before connecting (@async_unsafe, whose
+        # way of asking costs a raised exception, and check_settings()).
+        if _get_running_loop() is not None and not os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE"):
+            raise SynchronousOnlyOperation(
+                "You cannot call this from an async context - use a thread or sync_to_async."
+            )
+        self.check_settings()  # type: ignore[attr-defined]
         self._connecting = True
         try:
             self._borrow()
@@ -387,6 +403,16 @@ class PooledDatabaseWrapperMixin:
         except Exception:  # a broken connection: Django's close() deals with it
             return
         self._close()
+
+    def ensure_timezone(self) -> bool:
+        # Django runs it on the connection held when TIME_ZONE or USE_TZ is
+        # changed (override_settings): the session's zone is then not that of
+        # the pool it goes back to. Set up again at its next checkout.
+        changed = bool(super().ensure_timezone())  # type: ignore[misc]
+        lease = self._lease
+        if changed and lease is not None:
+            lease.configured = False
+        return changed
 
     def _set_autocommit(self, autocommit: bool) -> None:
         # Checkin already restored the AUTOCOMMIT setting; don't pay the
@@ -626,6 +652,24 @@ class DatabaseWrapper(  # type: ignore[misc]
     PooledDatabaseWrapperMixin, postgresql_base.DatabaseWrapper
 ):
     """PostgreSQL, with connections borrowed from a pool."""
+
+
+@contextlib.contextmanager
+def borrowed_cursor(alias: str) -> Iterator[Any]:
+    """A cursor of ``alias``; the connection is given back after if this borrowed it.
+
+    For code outside a request (checks, management commands): a connection
+    the caller already holds (inside its atomic block, say) is the caller's to
+    give back.
+    """
+    wrapper = connections[alias]
+    borrowed_here = wrapper.connection is None
+    try:
+        with wrapper.cursor() as cursor:
+            yield cursor
+    finally:
+        if borrowed_here:
+            wrapper.close()
 
 
 def checkout_info(alias: str = "default") -> CheckoutInfo | None:

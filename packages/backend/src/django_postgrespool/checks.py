@@ -195,7 +195,9 @@ SELECT current_setting('max_connections')::int,
 
 def _server_limit(alias: str) -> tuple[int, str]:
     """Ask the server of ``alias`` how many connections this role may open."""
-    with connections[alias].cursor() as cursor:
+    from django_postgrespool.backend import borrowed_cursor  # it imports this module
+
+    with borrowed_cursor(alias) as cursor:
         cursor.execute(_LIMIT_SQL)
         max_connections, superuser_reserved, reserved, superuser = cursor.fetchone()
     if superuser:
@@ -386,7 +388,9 @@ def check_declared_pgbouncer(
 
 
 def _server_port(alias: str) -> int | None:
-    with connections[alias].cursor() as cursor:
+    from django_postgrespool.backend import borrowed_cursor  # it imports this module
+
+    with borrowed_cursor(alias) as cursor:
         cursor.execute("SELECT inet_server_port()")
         port = cursor.fetchone()[0]
     return None if port is None else int(port)

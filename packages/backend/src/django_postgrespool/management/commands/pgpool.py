@@ -13,8 +13,9 @@ import json
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import DatabaseError, connections
+from django.db import DatabaseError
 
+from django_postgrespool.backend import borrowed_cursor
 from django_postgrespool.checks import pooled_aliases
 from django_postgrespool.registry import pool_stats
 
@@ -27,17 +28,9 @@ SELECT current_setting('max_connections')::int,
 
 def collect(alias: str) -> dict[str, Any]:
     """Check out one connection of ``alias``, query the server, return pool and server figures."""
-    wrapper = connections[alias]
-    borrowed_here = wrapper.connection is None
-    try:
-        with wrapper.cursor() as cursor:
-            cursor.execute(_SERVER_SQL)
-            max_connections, on_database, clients = cursor.fetchone()
-    finally:
-        # Back to the pool if this borrowed it; a caller's connection (inside
-        # its atomic block, say) is the caller's to give back.
-        if borrowed_here:
-            wrapper.close()
+    with borrowed_cursor(alias) as cursor:
+        cursor.execute(_SERVER_SQL)
+        max_connections, on_database, clients = cursor.fetchone()
     return {
         "alias": alias,
         "pools": pool_stats(alias),
