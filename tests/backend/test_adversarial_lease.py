@@ -234,3 +234,29 @@ def test_a_promoted_standby_is_not_lent_when_a_standby_was_asked(pooled_alias, p
     standby.promote()
     seen = lent(alias, "SELECT pg_is_in_recovery()")
     assert False not in seen, f"sessions on a primary lent as standby sessions: {seen}"
+
+
+def test_a_prefer_standby_connection_on_the_primary_is_recycled_soon(
+    pooled_alias, pair, monkeypatch
+):
+    # prefer-standby takes the primary when no standby answers; once one answers
+    # again, reads must go back to it within FALLBACK_LIFETIME, not at recycle (1 h).
+    from django_postgrespool import pool as pool_module
+    from django_postgrespool import registry
+
+    monkeypatch.setattr(pool_module, "FALLBACK_LIFETIME", 1.0)
+    _, standby = pair
+    alias = ha_alias(pooled_alias, pair, {"target_session_attrs": "prefer-standby"})
+    assert lent(alias, "SELECT pg_is_in_recovery()", 1) == [True]
+    registry.close_pools(alias=alias)  # the next connections are new ones
+    standby.stop("fast")
+    assert lent(alias, "SELECT pg_is_in_recovery()", 2) == [False, False]  # fell back
+    standby.start()
+    deadline = time.monotonic() + 20
+    seen: list[Any] = []
+    while time.monotonic() < deadline:
+        seen = lent(alias, "SELECT pg_is_in_recovery()", 1)
+        if seen == [True]:
+            break
+        time.sleep(0.3)
+    assert seen == [True], "reads stayed on the primary after the standby came back"

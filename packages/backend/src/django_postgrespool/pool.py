@@ -427,6 +427,12 @@ class ConnectionPool:
         self._ping_sql = "SELECT true"
         self._recheck = False
         self.session_attrs: str | None = None
+        # prefer-standby: a connection that fell back to a primary (no standby
+        # answered) is recycled soon, so that reads go back to a standby once
+        # one answers again (see _learn_attrs()).
+        self._prefer_standby = False
+        # Not given (None): learnt from the first connection opened.
+        self._attrs_known = session_attrs is not None
         self._expect(session_attrs)
         # Connections opened before the last disconnect this pool saw get a
         # real ping at their next checkout (see _check).
@@ -628,7 +634,7 @@ class ConnectionPool:
             else recycle * (1.0 - _RECYCLE_SPREAD * random.random())
         )
         lease = Lease(self, fairy, lifetime)
-        self._learn_attrs(lease.raw)
+        self._learn_attrs(lease)
         _hear_farewell(lease)
         if self._pre_ping == "socket":
             _poller(lease)
@@ -639,6 +645,7 @@ class ConnectionPool:
 
     def _expect(self, session_attrs: str | None) -> None:
         """Check at each checkout that the server still is what ``session_attrs`` asks."""
+        self._prefer_standby = session_attrs == "prefer-standby"
         sql = _SESSION_CHECKS.get(session_attrs or "")
         if sql is None:  # any, prefer-standby (which takes a primary when it must)
             self._recheck = False
@@ -649,11 +656,24 @@ class ConnectionPool:
         self._recheck = True
         self.session_attrs = session_attrs
 
-    def _learn_attrs(self, raw: Any) -> None:
-        """Take the target_session_attrs libpq connected ``raw`` with, wherever it was given."""
-        found = _target_session_attrs(raw)
-        if found is not None and found != (self.session_attrs or "any"):
-            self._expect(found)
+    def _learn_attrs(self, lease: Lease) -> None:
+        """Without target_session_attrs in OPTIONS, take the one libpq connected with.
+
+        Given by a libpq service file or PGTARGETSESSIONATTRS: read once, from
+        the first connection. Only the values that refuse a primary's
+        demotion are taken: psycopg 3 makes prefer-standby's attempts
+        "standby", then none, so a "standby" seen on one connection may not
+        be what was asked. With prefer-standby (in OPTIONS), a connection on a
+        primary lives at most FALLBACK_LIFETIME: libpq took the primary
+        because no standby answered.
+        """
+        if not self._attrs_known:
+            self._attrs_known = True
+            found = _target_session_attrs(lease.raw)
+            if found in _LEARNT_ATTRS:
+                self._expect(found)
+        if self._prefer_standby and _in_hot_standby(lease.raw) is False:
+            lease.expires = min(lease.expires, lease.born + FALLBACK_LIFETIME)
 
     def _note_connect_failure(self, error: BaseException) -> None:
         now = time.monotonic()
@@ -1323,6 +1343,29 @@ _SESSION_CHECKS = {
         "SELECT pg_is_in_recovery() OR current_setting('transaction_read_only') = 'on'"
     ),
 }
+
+
+# Values of target_session_attrs a pool takes from its first connection.
+_LEARNT_ATTRS = ("read-write", "primary", "read-only")
+
+#: Seconds a prefer-standby connection that fell back to a primary is kept.
+FALLBACK_LIFETIME = 30.0
+
+
+def _in_hot_standby(raw: Any) -> bool | None:
+    """Tell whether the server of ``raw`` is a standby, as it said at login (None: unknown).
+
+    PostgreSQL 14+ reports in_hot_standby with the session's parameters: no round trip.
+    """
+    try:
+        info = getattr(raw, "info", None)
+        if getattr(raw, "pgconn", None) is not None and info is not None:  # psycopg 3
+            value = info.parameter_status("in_hot_standby")
+        else:  # psycopg2
+            value = raw.get_parameter_status("in_hot_standby")
+    except Exception:
+        return None
+    return None if value is None else value == "on"
 
 
 def _target_session_attrs(raw: Any) -> str | None:
