@@ -307,6 +307,15 @@ class PooledDatabaseWrapperMixin:
             raise
         lease.configured = True
 
+    def init_connection_state(self) -> None:
+        super().init_connection_state()  # type: ignore[misc]
+        lease = self._lease
+        if lease is not None and not lease.configured:
+            # Set up by Django, before the connection_created receivers run (as
+            # they do at every checkout): what checkin restores the driver's
+            # connection object to.
+            lease.remember_setup()
+
     @sensitive_variables()
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
         lease = self._new_lease

@@ -210,6 +210,7 @@ class Lease:
         "born",
         "configured",
         "cursors",
+        "driver_state",
         "ended",
         "expires",
         "fairy",
@@ -242,6 +243,8 @@ class Lease:
         # not redone at the next checkout), and the isolation level it found.
         self.configured = False
         self.isolation_level: Any = None
+        # What the driver's connection object had once set up (remember_setup()).
+        self.driver_state: tuple[Any, ...] | None = None
         # The thread that has it; None while idle, or when it must never be
         # reclaimed (a connection shared between threads).
         self.owner: threading.Thread | None = None
@@ -258,6 +261,10 @@ class Lease:
 
     def __repr__(self) -> str:
         return f"<Lease {self.state} of {self.pool!r}>"
+
+    def remember_setup(self) -> None:
+        """Note the driver connection's settings now that it is set up: restored at checkin."""
+        self.driver_state = _driver_state(self.raw)
 
     def track(self, cursor: Any) -> None:
         """Remember ``cursor``: it is closed when the connection is given back."""
@@ -1130,6 +1137,12 @@ class ConnectionPool:
                         status = lease.status()
             if status != _IDLE:  # in a transaction, or a failed one
                 raw.rollback()
+            # Kept on the driver's connection object, which neither ROLLBACK nor
+            # DISCARD ALL touches: settings (read_only, isolation_level, the row
+            # or cursor factory), handlers added, notifications and notices.
+            state = lease.driver_state
+            if state is not None and state[1](raw) != state[2]:  # one C call, one compare
+                _restore_driver_state(raw, state)
             if self._discard_all:
                 if not raw.autocommit:
                     raw.autocommit = True
@@ -1347,6 +1360,52 @@ _SESSION_CHECKS = {
 
 # Values of target_session_attrs a pool takes from its first connection.
 _LEARNT_ATTRS = ("read-write", "primary", "read-only")
+
+# The driver connection's own settings, restored at checkin: psycopg 3's
+# (private attributes where the property would cost a call; the handlers'
+# lists, cut back to those of the setup; the notifications nobody read),
+# then psycopg2's (with its lists of notifications and notices).
+_PSYCOPG3_STATE = (
+    "_read_only", "_isolation_level", "_deferrable", "row_factory", "cursor_factory",
+    "server_cursor_factory", "_notice_handlers", "_notify_handlers", "_notifies_backlog",
+)
+_PSYCOPG2_STATE = (
+    "readonly", "isolation_level", "deferrable", "cursor_factory", "notifies", "notices",
+)
+_QUEUES = (list, deque)
+
+
+def _driver_state(raw: Any) -> tuple[Any, ...] | None:
+    """Return (names, a getter of their values, the values now) for ``raw``'s settings."""
+    known: tuple[str, ...] = (
+        _PSYCOPG3_STATE if getattr(raw, "pgconn", None) is not None else _PSYCOPG2_STATE
+    )
+    names = tuple(name for name in known if hasattr(raw, name))
+    if len(names) < 2:  # not a driver this knows (a test's fake)
+        return None
+    getter = operator.attrgetter(*names)  # one C call, a tuple
+    saved = tuple(
+        # Handlers: those of the setup stay. Messages: none is left for the next borrower.
+        (type(v)(v) if name.endswith("handlers") else type(v)()) if isinstance(v, _QUEUES) else v
+        for name, v in zip(names, getter(raw), strict=True)
+    )
+    return names, getter, saved
+
+
+def _restore_driver_state(raw: Any, state: tuple[Any, ...]) -> None:
+    names, getter, saved = state
+    for name, value, now in zip(names, saved, getter(raw), strict=True):
+        if now == value:
+            continue
+        if isinstance(value, _QUEUES) and isinstance(now, _QUEUES):
+            # Handlers added since the setup go, and what nobody read.
+            now.clear()
+            now.extend(value)
+        else:
+            # The public setter (psycopg 3's property without the underscore):
+            # it checks that no transaction is open, and psycopg2's sends the SET.
+            setattr(raw, name.lstrip("_"), value)
+
 
 #: Seconds a prefer-standby connection that fell back to a primary is kept.
 FALLBACK_LIFETIME = 30.0
