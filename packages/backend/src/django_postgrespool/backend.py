@@ -218,6 +218,10 @@ class PooledDatabaseWrapperMixin:
             # connection of its own, as with the stock engine.
             super().connect()  # type: ignore[misc]
             return
+        if self._lease is not None:
+            # A close() interrupted (a signal handler's exception) before it
+            # gave the lease back, which Django's close() forgot: give it back.
+            self._close()
         # What Django's connect() does before connecting (@async_unsafe, whose
         # way of asking costs a raised exception, and check_settings()).
         if _get_running_loop() is not None and not os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE"):
@@ -456,19 +460,25 @@ class PooledDatabaseWrapperMixin:
                 super()._close()  # type: ignore[misc]
             # else: already returned; self.connection is the pool's now.
             return
-        borrowed_at = self._checkout[2]  # type: ignore[index]
-        self._checkout_returned_at = now = time.monotonic()
-        if self.in_atomic_block:  # type: ignore[attr-defined]
-            # Django keeps self.connection after a close inside an atomic
-            # block (closed_in_transaction); it must not be lent to anyone.
-            lease.pool.discard(lease, "it was closed inside an atomic block", borrowed_at)
-            return
-        if self._discard_reason is not None:
-            lease.pool.discard(lease, self._discard_reason, borrowed_at)
-        else:
-            # Raises nothing (a failed reset discards); does nothing if the
-            # pool has lent it again since (it took it back from an ended thread).
-            lease.pool.checkin(lease, now, borrowed_at)
+        try:
+            borrowed_at = self._checkout[2]  # type: ignore[index]
+            self._checkout_returned_at = now = time.monotonic()
+            if self.in_atomic_block:  # type: ignore[attr-defined]
+                # Django keeps self.connection after a close inside an atomic
+                # block (closed_in_transaction); it must not be lent to anyone.
+                lease.pool.discard(lease, "it was closed inside an atomic block", borrowed_at)
+                return
+            if self._discard_reason is not None:
+                lease.pool.discard(lease, self._discard_reason, borrowed_at)
+            else:
+                # Raises nothing (a failed reset discards); does nothing if the
+                # pool has lent it again since (it took it back from an ended thread).
+                lease.pool.checkin(lease, now, borrowed_at)
+        except BaseException:
+            # A signal handler's exception after this wrapper let go of the
+            # lease: the pool closes it unless it has it back already.
+            lease.pool.discard(lease, "giving it back was interrupted", self._checkout[2])  # type: ignore[index]
+            raise
         # Lent to the next borrower from now on (Django's close() clears it
         # too, but _close() may be called alone).
         self.connection = None
@@ -494,6 +504,9 @@ class PooledDatabaseWrapperMixin:
             if self.connection is None:  # type: ignore[attr-defined]
                 return  # returned already (at the start of every request): Django's does nothing
             super().close_if_unusable_or_obsolete()  # type: ignore[misc]
+            return
+        if self.connection is None:  # type: ignore[attr-defined]
+            self._close()  # a close() interrupted before it gave the lease back (see connect())
             return
         if (
             self._djangos_close

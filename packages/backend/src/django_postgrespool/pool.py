@@ -532,25 +532,30 @@ class ConnectionPool:
                 self._retire(lease, "its check at checkout was interrupted", warn=False)
                 raise
             if problem is None:
-                if lease.verified > now:  # pinged just now: the round trip was waited for
-                    now = lease.verified
-                lease.owner = owner
-                lease.source = source
-                lease.borrowed_at = now
-                lease.wait = wait = now - asked
-                lease.state = IN_USE  # last: see "A checkin gives back one checkout"
-                self._wait_hist.observe(wait)
-                self._checkouts += 1
-                if source == "affinity":
-                    self._affinity += 1
-                used = len(self._leases) - len(idle)
-                if used > self._peak:
-                    self._peak = used
-                if self._max_idle is not None and len(idle) < self._idle_low:
-                    self._idle_low = len(idle)
-                if self._leak_timeout is not None:
-                    lease.leak_warned = False
-                    lease.leak_stack = traceback.format_stack()[:-2]
+                try:
+                    if lease.verified > now:  # pinged just now: the round trip was waited for
+                        now = lease.verified
+                    lease.owner = owner
+                    lease.source = source
+                    lease.borrowed_at = now
+                    lease.wait = wait = now - asked
+                    lease.state = IN_USE  # last: see "A checkin gives back one checkout"
+                    self._wait_hist.observe(wait)
+                    self._checkouts += 1
+                    if source == "affinity":
+                        self._affinity += 1
+                    used = len(self._leases) - len(idle)
+                    if used > self._peak:
+                        self._peak = used
+                    if self._max_idle is not None and len(idle) < self._idle_low:
+                        self._idle_low = len(idle)
+                    if self._leak_timeout is not None:
+                        lease.leak_warned = False
+                        lease.leak_stack = traceback.format_stack()[:-2]
+                except BaseException:
+                    # A signal handler's exception: the caller never has it.
+                    self._retire(lease, "its checkout was interrupted", warn=False)
+                    raise
                 return lease
             if problem is _TOO_OLD:
                 self._retire(lease, None, warn=False, recycled=True)
@@ -921,6 +926,17 @@ class ConnectionPool:
         """
         if not self._holds(lease, borrowed_at):
             return
+        try:
+            self._checkin(lease, now)
+        except BaseException:
+            # A signal handler's exception before the connection was reset and
+            # given back (the reset's own is _reset_or_retire's): nobody else
+            # would give it back. Once given back it is not IN_USE any more.
+            if lease.state is IN_USE:
+                self._retire(lease, "its checkin was interrupted", warn=False)
+            raise
+
+    def _checkin(self, lease: Lease, now: float | None) -> None:
         if now is None:
             now = time.monotonic()
         self._use_hist.observe(now - lease.borrowed_at)
@@ -1276,7 +1292,8 @@ class ConnectionPool:
                 fd = lease.raw.fileno()
             except Exception:  # already closed: no socket left to protect
                 continue
-            os.dup2(devnull, fd)
+            # Not inheritable: a program the child execs gets no stray descriptors.
+            os.dup2(devnull, fd, inheritable=False)
 
     def stats(self) -> PoolStats:
         """Return a snapshot of this pool's counters."""
