@@ -117,7 +117,30 @@ class HistogramSnapshot(TypedDict):
     count: int
 
 
-class PoolStats(TypedDict):
+class CountedStats(TypedDict):
+    """What a pool counts over its life: the counters and the timings' histograms."""
+
+    checkouts: int
+    affinity_hits: int
+    handoffs: int
+    reclaimed: int
+    waits: int
+    timeouts: int
+    leaks: int
+    opened: int
+    recycled: int
+    invalidated: int
+    closed: int
+    connect_failures: int
+    wait_time: float
+    use_time: float
+    create_time: float
+    wait_time_histogram: HistogramSnapshot
+    use_time_histogram: HistogramSnapshot
+    create_time_histogram: HistogramSnapshot
+
+
+class PoolStats(CountedStats):
     """A snapshot of one pool, as returned by ``django_postgrespool.pool_stats()``."""
 
     alias: str
@@ -141,26 +164,8 @@ class PoolStats(TypedDict):
     overflow: int
     waiting: int
     peak_checked_out: int
-    checkouts: int
-    affinity_hits: int
-    handoffs: int
-    reclaimed: int
-    waits: int
-    timeouts: int
-    leaks: int
-    opened: int
-    recycled: int
-    invalidated: int
-    closed: int
-    connect_failures: int
     backoff_until: float | None
     last_connect_error: str | None
-    wait_time: float
-    use_time: float
-    create_time: float
-    wait_time_histogram: HistogramSnapshot
-    use_time_histogram: HistogramSnapshot
-    create_time_histogram: HistogramSnapshot
 
 
 class _Histogram:

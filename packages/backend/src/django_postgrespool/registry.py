@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Hashable
-from typing import Any, Literal, TypedDict, cast
+from typing import Any, Literal, cast
 
 from django_postgrespool.metrics import TimingKind
-from django_postgrespool.pool import ConnectionPool, HistogramSnapshot, PoolStats, _Histogram
+from django_postgrespool.pool import ConnectionPool, CountedStats, PoolStats, _Histogram
 
 __all__ = [
     "DepartedStats",
@@ -61,30 +61,12 @@ _COUNTERS = (
 _KINDS: tuple[TimingKind, ...] = ("wait", "use", "create")
 
 
-class DepartedStats(TypedDict):
+class DepartedStats(CountedStats):
     """What the departed pools of one alias counted, as returned by :func:`departed_stats`."""
 
     alias: str
     departed: Literal[True]
     pools: int
-    checkouts: int
-    affinity_hits: int
-    handoffs: int
-    reclaimed: int
-    waits: int
-    timeouts: int
-    leaks: int
-    opened: int
-    recycled: int
-    invalidated: int
-    closed: int
-    connect_failures: int
-    wait_time: float
-    use_time: float
-    create_time: float
-    wait_time_histogram: HistogramSnapshot
-    use_time_histogram: HistogramSnapshot
-    create_time_histogram: HistogramSnapshot
 
 
 class _Departed:
