@@ -7,7 +7,6 @@ fix (docs/evidence/reliability.rst).
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -18,6 +17,7 @@ from django.db.backends.signals import connection_created
 from django_postgrespool import pool_stats
 
 from tests.support.pgcluster import Cluster, start_pair
+from tests.support.requests import open_idle
 
 # One connection, given back between transactions.
 T1 = {"pool_size": 1, "max_overflow": 0, "timeout": 0.5, "lease": "transaction"}
@@ -173,20 +173,8 @@ def ha_alias(pooled_alias: Any, pair: tuple[Cluster, Cluster], options: dict[str
 
 
 def hold(alias: str, n: int) -> None:
-    """Open ``n`` connections of ``alias`` at once and give them back (idle in the pool)."""
-    barrier = threading.Barrier(n)
-
-    def run() -> None:
-        with connections[alias].cursor() as cursor:
-            cursor.execute("SELECT 1")
-            barrier.wait(10)
-        connections[alias].close()
-
-    threads = [threading.Thread(target=run) for _ in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(20)
+    """``n`` idle connections of ``alias`` in the pool."""
+    open_idle(alias, n)
     assert pool_stats(alias)[0]["idle"] == n
 
 

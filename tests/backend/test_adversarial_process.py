@@ -20,7 +20,6 @@ import pytest
 from django.db import connections
 from django_postgrespool import pool_stats, registry
 from django_postgrespool.backend import PooledDatabaseWrapperMixin
-from django_postgrespool.errors import PoolTimeout
 from django_postgrespool.pool import ConnectionPool
 
 from tests.backend.test_fork import in_child
@@ -68,6 +67,18 @@ def _interrupt_at(function: Callable[..., Any], op: str, name: str) -> list[bool
     return fired
 
 
+def _close_interrupted(wrapper: Any, function: Callable[..., Any], op: str, name: str) -> None:
+    """Close ``wrapper`` with an _Interrupt raised at that line of ``function`` (see _line_of)."""
+    fired = _interrupt_at(function, op, name)
+    try:
+        wrapper.close()
+    except _Interrupt:
+        pass
+    finally:
+        sys.settrace(None)
+    assert fired[0]
+
+
 def _checked_out(alias: str) -> int:
     # The current pool's: those of earlier tests may still lend what they lost.
     return sum(stats["checked_out"] for stats in pool_stats(alias) if not stats["retired"])
@@ -102,14 +113,7 @@ def test_an_interrupt_at_the_start_of_close_does_not_lose_the_connection(pooled_
     alias, _ = pooled_alias(pool_options={"pool_size": 1, "max_overflow": 0, "timeout": 1})
     wrapper = connections[alias]
     wrapper.ensure_connection()
-    fired = _interrupt_at(PooledDatabaseWrapperMixin._close, "LOAD", "_held_lease")
-    try:
-        wrapper.close()
-    except _Interrupt:
-        pass
-    finally:
-        sys.settrace(None)
-    assert fired[0]
+    _close_interrupted(wrapper, PooledDatabaseWrapperMixin._close, "LOAD", "_held_lease")
     wrapper.close()  # the request's end, or an error handler's clean-up, closes again
     # A long-lived thread (a Celery worker's, after a soft time limit): its next task.
     run_request(alias)
@@ -133,14 +137,7 @@ def test_an_interrupt_during_checkin_leaves_nothing_checked_out(
     alias, _ = pooled_alias(pool_options={"pool_size": 2, "max_overflow": 0, "timeout": 1})
     wrapper = connections[alias]
     wrapper.ensure_connection()
-    fired = _interrupt_at(function, op, name)
-    try:
-        wrapper.close()
-    except _Interrupt:
-        pass
-    finally:
-        sys.settrace(None)
-    assert fired[0]
+    _close_interrupted(wrapper, function, op, name)
     wrapper.close()
     assert _checked_out(alias) == 0
 

@@ -24,6 +24,7 @@ from tests.ha.conftest import Pair
 from tests.reliability.figures import record
 from tests.reliability.load import wait_until
 from tests.support.db import connect
+from tests.support.requests import open_idle
 
 pytestmark = pytest.mark.reliability
 
@@ -211,23 +212,6 @@ def test_promoted_standby_serves_writes_within_2s_and_keeps_every_acknowledged_c
     assert stats["checked_out"] == 0, stats
 
 
-def _hold(alias: str, n: int) -> None:
-    """Open ``n`` connections of ``alias`` at once and give them back (idle in the pool)."""
-    barrier = threading.Barrier(n)
-
-    def hold() -> None:
-        with connections[alias].cursor() as cursor:
-            cursor.execute("SELECT 1")
-            barrier.wait(10)
-        connections[alias].close()
-
-    threads = [threading.Thread(target=hold) for _ in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(20)
-
-
 @pytest.mark.parametrize("pre_ping", ["socket", True], ids=["socket", "ping"])
 def test_session_that_became_read_only_is_not_lent_when_read_write_was_asked(
     pooled_alias, pair: Pair, pre_ping: object
@@ -237,7 +221,7 @@ def test_session_that_became_read_only_is_not_lent_when_read_write_was_asked(
     # sessions stay open and become read-only; libpq only checks at connect,
     # so the pool has to, whatever pre_ping says.
     alias, _app = _alias_from_settings(pooled_alias, pair, pre_ping)
-    _hold(alias, 4)
+    open_idle(alias, 4)
     (stats,) = pool_stats(alias)
     assert stats["idle"] == 4
     pair.primary.psql("ALTER SYSTEM SET default_transaction_read_only = on")

@@ -132,3 +132,21 @@ def connection_held_elsewhere(alias: str) -> Iterator[None]:
     finally:
         release.set()
         holder.join(10)
+
+
+def open_idle(alias: str, n: int) -> None:
+    """Open ``n`` connections of ``alias`` at once (one thread each) and give them back:
+    ``n`` idle connections in the pool, opened before whatever the test does next."""
+    barrier = threading.Barrier(n)
+
+    def hold() -> None:
+        with connections[alias].cursor() as cursor:
+            cursor.execute("SELECT 1")
+            barrier.wait(10)
+        connections[alias].close()
+
+    threads = [threading.Thread(target=hold) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
