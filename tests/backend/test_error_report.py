@@ -7,7 +7,6 @@ import threading
 from pathlib import Path
 
 import django_postgrespool
-
 import pytest
 from django.db import connections
 from django.test import RequestFactory, override_settings
@@ -99,6 +98,30 @@ def test_report_of_a_password_in_options_shows_it_nowhere(pooled_alias):
     assert "_current_pool" in emailed
     assert PASSWORD not in emailed
     assert not [f for f in ours if PASSWORD in f]
+
+
+@pytest.mark.parametrize("form", ["keywords", "uri"])
+def test_a_password_in_a_connection_string_as_name_is_shown_nowhere(pooled_alias, form, caplog):
+    # libpq takes a connection string (or URI) where the database name goes.
+    # Django's own frames show NAME as it is (its filter hides PASSWORD only):
+    # ours, the pool's stats and repr, and its log lines must not.
+    from django_postgrespool import pool_stats
+
+    name = (
+        f"dbname=nosuchdb password={PASSWORD}"
+        if form == "keywords"
+        else f"postgresql://app:{PASSWORD}@127.0.0.1:1/nosuchdb"
+    )
+    alias, _ = pooled_alias(NAME=name, HOST="127.0.0.1", PORT="1")
+    emailed, ours = report_of(alias, Exception)
+    assert "_open_physical_connection" in emailed
+    assert len(ours) >= 5
+    assert not [f for f in ours if PASSWORD in f]
+    assert caplog.records and PASSWORD not in caplog.text
+    (stats,) = pool_stats(alias)
+    assert stats["database"] == "(connection string)"
+    assert PASSWORD not in repr(stats)
+    assert PASSWORD not in repr(connections[alias]._pool)
 
 
 def test_report_of_django_own_pool_turned_on_shows_no_password(pooled_alias):

@@ -674,6 +674,7 @@ def test_a_ring_left_over_from_an_earlier_wait_does_not_serve_the_next_one() -> 
     pool = make_pool(pool_size=1, timeout=5.0)
     held = pool.checkout(FakeConnection, None, None)
     waiter = _Waiter()
+    waiter.start()
     waiter.done()
     waiter.bell.ring()  # the stale ring
     threading.Timer(0.3, pool.checkin, (held,)).start()
@@ -689,6 +690,7 @@ def test_a_hand_off_rung_before_the_waiter_sleeps_wakes_it_at_once() -> None:
     # Handed a connection between joining the line and sleeping: the bell
     # is cleared before the sleep, which must not lose this ring.
     waiter = _Waiter()
+    waiter.start()
     waiter.served = True
     waiter.wake()
     started = time.monotonic()
@@ -697,6 +699,7 @@ def test_a_hand_off_rung_before_the_waiter_sleeps_wakes_it_at_once() -> None:
     waiter.done()
     # And the ring is gone: the thread's next wait sleeps until woken.
     again = _Waiter()
+    again.start()
     assert again.bell is waiter.bell
     started = time.monotonic()
     assert not again.sleep(0.2)
@@ -707,11 +710,15 @@ def test_a_hand_off_rung_before_the_waiter_sleeps_wakes_it_at_once() -> None:
 @needs_eventfd
 def test_waits_of_one_thread_at_once_get_bells_of_their_own() -> None:
     # Greenlets of one OS thread may wait at once, where threading.local is not patched.
-    first, second = _Waiter(), _Waiter()
+    first = _Waiter()
+    first.start()
+    second = _Waiter()
+    second.start()
     assert first.bell is not second.bell
     first.done()
     second.done()
     third = _Waiter()
+    third.start()
     assert third.bell is pool_module._doorbells.bell
     third.done()
 

@@ -142,15 +142,18 @@ def _fair_after(value):
 
 def _is_never(value, words):
     # type: (object, tuple[str, ...]) -> bool
-    return value is None or (isinstance(value, _text) and value.strip().lower() in words)
+    """None, one of ``words``, or the number -1 (SQLAlchemy's own spelling of "never")."""
+    if value is None:
+        return True
+    if isinstance(value, _text):
+        return value.strip().lower() in words
+    return isinstance(value, _integer + (float,)) and not isinstance(value, bool) and value == -1
 
 
 def _recycle(value):
     # type: (object) -> float | None
     if _is_never(value, _NEVER):
         return None
-    if isinstance(value, _integer + (float,)) and not isinstance(value, bool) and value == -1:
-        return None  # SQLAlchemy's own spelling of "never"
     try:
         return _seconds(value)
     except Invalid:

@@ -19,6 +19,7 @@ from typing import Any, TypedDict
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured, SynchronousOnlyOperation
+from django.core.signals import setting_changed
 from django.db import connections
 from django.db.backends.base.base import NO_DB_ALIAS, BaseDatabaseWrapper
 from django.db.backends.postgresql import base as postgresql_base
@@ -169,6 +170,30 @@ _SKIPPED_AT_CLOSE = frozenset(
 )
 
 
+# Times DATABASE_POOL_ARGS was switched (override_settings): part of every
+# pool's key, as the settings are read when a pool is built.
+_pool_args_changes = 0
+
+
+def _note_pool_args(*, setting: str, **kwargs: Any) -> None:
+    global _pool_args_changes
+    if setting == "DATABASE_POOL_ARGS":
+        _pool_args_changes += 1
+
+
+setting_changed.connect(_note_pool_args, dispatch_uid="django_postgrespool.pool_args")
+
+
+def _shown(value: Any) -> str:
+    """A setting as the pool shows it (repr, stats, logs, metrics' labels).
+
+    libpq takes a connection string or URI where a database name goes: with
+    a password in it, perhaps. Such a value is shown as "(connection string)".
+    """
+    text = str(value)
+    return "(connection string)" if "=" in text or "://" in text else text
+
+
 class PooledDatabaseWrapperMixin:
     """Turn a PostgreSQL ``DatabaseWrapper`` into a pooled one."""
 
@@ -222,6 +247,8 @@ class PooledDatabaseWrapperMixin:
             # A close() interrupted (a signal handler's exception) before it
             # gave the lease back, which Django's close() forgot: give it back.
             self._close()
+        elif self._last_lease is not None and self._last_lease.state is IN_USE:
+            self._give_back_dropped()  # the same, interrupted a little later
         # What Django's connect() does before connecting (@async_unsafe, whose
         # way of asking costs a raised exception, and check_settings()).
         if _get_running_loop() is not None and not os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE"):
@@ -433,6 +460,26 @@ class PooledDatabaseWrapperMixin:
         if self.connection.autocommit != autocommit:  # type: ignore[attr-defined]
             super()._set_autocommit(autocommit)  # type: ignore[misc]
 
+    def _give_back_dropped(self) -> None:
+        """Give back this wrapper's last checkout if it was dropped before it was given back.
+
+        A signal handler's exception (KeyboardInterrupt, a task's time limit)
+        as _held_lease() took the lease from this wrapper (pop() returns from
+        a call, where one may run), or between letting go of it and giving it
+        back: the lease is still IN_USE for the checkout this wrapper made, and
+        nothing else would give it back while this thread lives.
+        """
+        last, checkout = self._last_lease, self._checkout
+        if (
+            last is not None
+            and checkout is not None
+            and last.state is IN_USE
+            and last.borrowed_at == checkout[2]
+            and self._lease is None
+        ):
+            self.connection = None
+            last.pool.checkin(last, None, last.borrowed_at)
+
     def _held_lease(self, *, giving_back: bool = False) -> Lease | None:
         """The lease this wrapper holds, or None if the pool took it back.
 
@@ -456,9 +503,11 @@ class PooledDatabaseWrapperMixin:
     def _close(self) -> None:
         lease = self._held_lease(giving_back=True)
         if lease is None:
-            if self._last_lease is None:  # a connection this wrapper did not borrow
+            last = self._last_lease
+            if last is None:  # a connection this wrapper did not borrow
                 super()._close()  # type: ignore[misc]
-            # else: already returned; self.connection is the pool's now.
+            else:
+                self._give_back_dropped()
             return
         try:
             borrowed_at = self._checkout[2]  # type: ignore[index]
@@ -502,7 +551,11 @@ class PooledDatabaseWrapperMixin:
         # giving back cost on one core. Any other case goes Django's way.
         if self._lease is None:
             if self.connection is None:  # type: ignore[attr-defined]
-                return  # returned already (at the start of every request): Django's does nothing
+                # Returned already (at the start of every request): Django's
+                # does nothing. Unless a close() was interrupted (see connect()).
+                if self._last_lease is not None and self._last_lease.state is IN_USE:
+                    self._give_back_dropped()
+                return
             super().close_if_unusable_or_obsolete()  # type: ignore[misc]
             return
         if self.connection is None:  # type: ignore[attr-defined]
@@ -625,6 +678,7 @@ class PooledDatabaseWrapperMixin:
             sd["AUTOCOMMIT"],
             cached[2],
             timezone_name,
+            _pool_args_changes,
         )
 
     def _check_options(self) -> None:
@@ -654,10 +708,10 @@ class PooledDatabaseWrapperMixin:
         service = self.settings_dict["OPTIONS"].get("service")  # type: ignore[attr-defined]
         given = f"(service {str(service)!r})" if service else None
         target = Target(
-            database=str(self.settings_dict["NAME"] or given or "postgres"),  # type: ignore[attr-defined]
-            host=str(self.settings_dict["HOST"] or given or "(default)"),  # type: ignore[attr-defined]
-            port=str(self.settings_dict["PORT"] or given or "5432"),  # type: ignore[attr-defined]
-            user=str(self.settings_dict["USER"] or given or "(default)"),  # type: ignore[attr-defined]
+            database=_shown(self.settings_dict["NAME"] or given or "postgres"),  # type: ignore[attr-defined]
+            host=_shown(self.settings_dict["HOST"] or given or "(default)"),  # type: ignore[attr-defined]
+            port=_shown(self.settings_dict["PORT"] or given or "(default)"),  # type: ignore[attr-defined]
+            user=_shown(self.settings_dict["USER"] or given or "(default)"),  # type: ignore[attr-defined]
         )
         attrs = self.settings_dict["OPTIONS"].get("target_session_attrs")  # type: ignore[attr-defined]
         return ConnectionPool(

@@ -19,10 +19,13 @@ A lease passes through these states, and only these::
     any ──broken, failed check, too old, beyond pool_size, pool retired──▶ GONE (closed)
 
 Where idle leases live: in ``_idle``, a dict used as an ordered set. Claiming a
-lease is ``_idle.pop(lease)``, which one thread only can win (the GIL makes it
-the compare-and-set of HikariCP's ``ConcurrentBag``): a borrower first asks for
-the lease it used last (thread affinity: no trip through a queue, and none of
-Django's per-connection setup again), then for any idle lease, then QueuePool
+lease is ``del _idle[lease]``, which one thread only can win (the GIL makes it
+the compare-and-set of HikariCP's ``ConcurrentBag``), with no call between the
+claim and the holder's variable: a signal handler, which CPython runs only at
+calls and loops' jumps, cannot leave a lease claimed by nobody. A borrower
+first asks for the lease it used last (thread affinity: no trip through a
+queue, and none of Django's per-connection setup again), then for any idle
+lease, then QueuePool
 for a new connection, and only at the cap does it wait, in FIFO order, for a
 direct hand-off. One lock guards the waiters and the hand-off; checkouts and
 checkins that find nobody waiting never take it.
@@ -343,13 +346,17 @@ _HAS_EVENTFD = hasattr(os, "eventfd")
 class _Waiter:
     """A checkout waiting at the cap, woken by a hand-off."""
 
-    __slots__ = ("bell", "guard", "lease", "lock", "served", "since")
+    __slots__ = ("bell", "guard", "lease", "lock", "reclaimed", "served", "since", "took")
 
     def __init__(self) -> None:
         self.since = 0.0  # when it joined the line
         self.guard = False  # it guards the line: it wakes up at fair_after (see _due)
         self.served = False  # written under the pool's lock, before the wake-up
         self.lease: Lease | None = None  # None when served: room for a new connection
+        # Claimed by the waiting checkout itself (from _idle; from an ended
+        # thread): given back if its wait is cut short before it returns them.
+        self.took: Lease | None = None
+        self.reclaimed: Lease | None = None
         self.bell = self.lock = None
         bell = _doorbells.bell if _HAS_EVENTFD else None
         if _HAS_EVENTFD and (bell is None or bell.busy):  # busy: greenlets sharing a thread
@@ -361,11 +368,20 @@ class _Waiter:
                 if _doorbells.bell is None:
                     _doorbells.bell = bell
         if bell is not None:
-            bell.busy = True
-            self.bell = bell
+            self.bell = bell  # busy while its wait lasts (see ConnectionPool._wait)
         else:  # no eventfd (not Linux): a plain lock, held until the hand-off
             self.lock = threading.Lock()
             self.lock.acquire()
+
+    def start(self) -> None:
+        """The wait starts: the thread's bell is this waiter's until :meth:`done`."""
+        if self.bell is not None:
+            self.bell.busy = True
+
+    def done(self) -> None:
+        """The wait is over (served or not): the thread's bell is free for its next wait."""
+        if self.bell is not None:
+            self.bell.busy = False
 
     def wake(self) -> None:
         """Wake the waiting thread (call it outside the pool's lock)."""
@@ -373,11 +389,6 @@ class _Waiter:
             self.bell.ring()
         else:
             self.lock.release()  # type: ignore[union-attr]
-
-    def done(self) -> None:
-        """The wait is over (served or not): the thread's bell is free for its next wait."""
-        if self.bell is not None:
-            self.bell.busy = False
 
     def sleep(self, timeout: float) -> bool:
         """Wait up to ``timeout`` for :meth:`wake`; tell whether it has been served."""
@@ -517,27 +528,30 @@ class ConnectionPool:
         """
         asked = time.monotonic()
         idle = self._idle
-        lease: Lease | None
-        if prefer is not None and idle.pop(prefer, False):
-            lease, source = prefer, "affinity"
-        else:
+        lease: Lease | None = None
+        if prefer is not None and prefer in idle:
+            try:
+                # The claim. `del`, not pop(): a signal handler runs only at
+                # a call or a loop's jump, and would find the lease claimed
+                # by nobody between pop() and the assignment (see _take_idle).
+                del idle[prefer]
+                lease, source = prefer, "affinity"
+            except KeyError:  # claimed by another thread meanwhile
+                pass
+        if lease is None:
             lease, source = self._take_idle(), "idle"
         # An idle connection taken at once was not waited for: the clock is
         # read again only after a wait, a new connection or a ping.
         now = asked
         # Bounded: a failed health check marks every older connection as
         # suspect, so each further round either verifies one or opens one.
-        for _ in self._rounds:
-            if lease is None:
-                lease, source = self._checkout_slow(open_connection, asked)
-                now = time.monotonic()
-            try:
+        try:
+            for _ in self._rounds:
+                if lease is None:
+                    lease, source = self._checkout_slow(open_connection, asked)
+                    now = time.monotonic()
                 problem = None if source == "new" else self._check(lease, now)
-            except BaseException:
-                self._retire(lease, "its check at checkout was interrupted", warn=False)
-                raise
-            if problem is None:
-                try:
+                if problem is None:
                     if lease.verified > now:  # pinged just now: the round trip was waited for
                         now = lease.verified
                     lease.owner = owner
@@ -557,35 +571,41 @@ class ConnectionPool:
                     if self._leak_timeout is not None:
                         lease.leak_warned = False
                         lease.leak_stack = traceback.format_stack()[:-2]
-                except BaseException:
-                    # A signal handler's exception: the caller never has it.
-                    self._retire(lease, "its checkout was interrupted", warn=False)
-                    raise
-                return lease
-            if problem is _TOO_OLD:
-                self._retire(lease, None, warn=False, recycled=True)
-            else:
-                self._suspect_before = time.monotonic()
-                self._retire(lease, problem)
-            now = time.monotonic()
-            lease, source = self._take_idle(), "idle"
+                    return lease
+                # Retired before the next one is claimed: `lease` is always
+                # this checkout's, or GONE.
+                if problem is _TOO_OLD:
+                    self._retire(lease, None, warn=False, recycled=True)
+                else:
+                    self._suspect_before = time.monotonic()
+                    self._retire(lease, problem)
+                now = time.monotonic()
+                lease, source = self._take_idle(), "idle"
+        except BaseException:
+            # A signal handler's exception (or a failed check's): the caller
+            # never has the connection this checkout claimed. Closed, as its
+            # check may have been cut short.
+            if lease is not None and lease.state is not GONE:
+                self._retire(lease, "its checkout was interrupted", warn=False)
+            raise
         raise PoolError(f"{self!r} could not find a live connection.")
 
     def _take_idle(self) -> Lease | None:
         """Claim an idle lease, the oldest returned (newest with use_lifo)."""
         idle = self._idle
-        if self._lifo:
-            try:
-                return idle.popitem()[0]
-            except KeyError:
-                return None
+        # Claimed with `del` and returned with no call in between: a signal
+        # handler (KeyboardInterrupt, a task's time limit) runs at calls and
+        # loops' jumps only, so its exception comes before the claim or after
+        # the caller has the lease. pop() would return it from a call, where
+        # one may run, and the lease would be claimed by nobody for ever.
+        order = reversed if self._lifo else iter
         while idle:
             try:
-                lease = next(iter(idle))
-            except (StopIteration, RuntimeError):  # changed under us: look again
+                lease = next(order(idle))
+                del idle[lease]
+            except (StopIteration, RuntimeError, KeyError):  # changed under us: look again
                 continue
-            if idle.pop(lease, False):
-                return lease
+            return lease
         return None
 
     def _checkout_slow(self, open_connection: Callable[[], Any], asked: float) -> tuple[Lease, str]:
@@ -638,26 +658,42 @@ class ConnectionPool:
             _opening.open = None
             if attempting:
                 self._attempting = False
-        now = time.monotonic()
-        if self._failing:
-            self._failing = False
-            self._backoff_delay = 0.0
-            logger.info("Database alias %r is reachable again.", self.alias)
-        self._create_hist.observe(now - started)
-        recycle = self.options.recycle
-        lifetime = (
-            float("inf")
-            if recycle is None
-            else recycle * (1.0 - _RECYCLE_SPREAD * random.random())
-        )
-        lease = Lease(self, fairy, lifetime)
-        self._learn_attrs(lease)
-        _hear_farewell(lease)
-        if self._pre_ping == "socket":
-            _poller(lease)
-        with self._lock:
-            self._leases.add(lease)
-        self._opened += 1
+        lease = None
+        try:
+            now = time.monotonic()
+            if self._failing:
+                self._failing = False
+                self._backoff_delay = 0.0
+                logger.info("Database alias %r is reachable again.", self.alias)
+            self._create_hist.observe(now - started)
+            recycle = self.options.recycle
+            lifetime = (
+                float("inf")
+                if recycle is None
+                else recycle * (1.0 - _RECYCLE_SPREAD * random.random())
+            )
+            lease = Lease(self, fairy, lifetime)
+            self._learn_attrs(lease)
+            _hear_farewell(lease)
+            if self._pre_ping == "socket":
+                _poller(lease)
+            with self._lock:
+                self._leases.add(lease)
+            self._opened += 1
+        except BaseException:
+            # A signal handler's exception (or a failure setting it up): close
+            # it, its slot back to QueuePool, whoever waits for room told.
+            self._opened += 1
+            if lease is not None:
+                self._retire(lease, None, warn=False)
+                raise
+            try:
+                fairy.invalidate()
+            except Exception:
+                pass
+            self._closed += 1
+            self._signal_room()
+            raise
         return lease
 
     def _expect(self, session_attrs: str | None) -> None:
@@ -728,32 +764,46 @@ class ConnectionPool:
             owner = lease.owner
             if lease.state is not IN_USE or owner is None or _alive(owner):
                 continue
-            with self._lock:  # the compare-and-set: IN_USE → RESERVED
-                if lease.state is not IN_USE or lease.owner is not owner:
+            claimed = False
+            try:
+                with self._lock:  # the compare-and-set: IN_USE → RESERVED
+                    if lease.state is not IN_USE or lease.owner is not owner:
+                        continue
+                    lease.state = RESERVED
+                    claimed = True
+                logger.warning(
+                    "Reclaiming a connection of database alias %r from thread %r, which "
+                    "ended without giving it back.",
+                    self.alias,
+                    owner.name,
+                )
+                if not self._reset_or_retire(lease):
                     continue
-                lease.state = RESERVED
-            logger.warning(
-                "Reclaiming a connection of database alias %r from thread %r, which "
-                "ended without giving it back.",
-                self.alias,
-                owner.name,
-            )
-            if not self._reset_or_retire(lease):
-                continue
-            self._reclaimed += 1
+                self._reclaimed += 1
+            except BaseException:  # a signal handler's: nobody else would have it
+                if claimed and lease.state is RESERVED:
+                    self._retire(lease, "its reclaim was interrupted", warn=False)
+                raise
             return lease
         return None
 
     def _wait(self, deadline: float, room: int) -> Lease | None:
         """Wait for a hand-off: a lease, or None for room to open one."""
         waiter = _Waiter()
+        bell = waiter.bell
         try:
-            return self._wait_as(waiter, deadline, room)
+            # Busy from here, not in _Waiter(): a signal handler's exception
+            # as it returned would leave the thread's bell busy for good.
+            waiter.start()
+            lease = self._wait_as(waiter, deadline, room)
         except BaseException:
             self._leave_line(waiter)
             raise
         finally:
-            waiter.done()
+            # waiter.done(), with no call (see _take_idle) from here to the return.
+            if bell is not None:
+                bell.busy = False
+        return lease
 
     def _leave_line(self, waiter: _Waiter) -> None:
         """Take ``waiter`` out of the line when its wait raised (a signal handler, a timeout
@@ -773,6 +823,14 @@ class ConnectionPool:
                 self._give_back(waiter.lease)
             else:
                 self._signal_room()  # room to open a connection, for the next in line
+        # Claimed by this wait and not returned (a signal handler's exception
+        # between the claim and the return): nobody else would give them back.
+        took, waiter.took = waiter.took, None
+        if took is not None and took.state is IDLE and took not in self._idle:
+            self._give_back(took)
+        reclaimed, waiter.reclaimed = waiter.reclaimed, None
+        if reclaimed is not None and reclaimed.state is RESERVED:
+            self._give_back(reclaimed)
 
     def _wait_as(self, waiter: _Waiter, deadline: float, room: int) -> Lease | None:
         with self._lock:
@@ -792,7 +850,7 @@ class ConnectionPool:
             # a connection idle, then looks at the line; one of the two sees the
             # other (looking first, it could sleep with a connection idle).
             self._waiters.append(waiter)
-            lease = self._take_idle()
+            lease = waiter.took = self._take_idle()
             if lease is not None:
                 self._waiters.remove(waiter)  # the last in line: nobody's turn changes
                 return lease
@@ -820,7 +878,7 @@ class ConnectionPool:
                         lease, to_wake = None, []
                         with self._lock:
                             if not waiter.served:
-                                lease = self._take_idle()
+                                lease = waiter.took = self._take_idle()
                                 if lease is not None:
                                     self._waiters.remove(waiter)
                                     to_wake = self._serve_from_idle()
@@ -832,7 +890,7 @@ class ConnectionPool:
                             return waiter.lease
                 # Still waiting: a borrower's thread may have ended meanwhile,
                 # or (belt and braces) room may have appeared unannounced.
-                reclaimed = self._reclaim_dead()
+                reclaimed = waiter.reclaimed = self._reclaim_dead()
                 if reclaimed is None and not self._has_room():
                     continue
             to_wake = []
@@ -844,7 +902,7 @@ class ConnectionPool:
                     self._waiters.remove(waiter)
                     lease = None
                     if reclaimed is None and remaining <= 0:
-                        lease = self._take_idle()  # left idle within fair_after
+                        lease = waiter.took = self._take_idle()  # left idle within fair_after
                         timed_out = lease is None
                         if timed_out:
                             self._timeouts += 1
@@ -857,6 +915,7 @@ class ConnectionPool:
             if reclaimed is not None:  # served twice: keep one, give the other back
                 if lease is None:
                     return reclaimed
+                waiter.reclaimed = None  # not ours from here on
                 self._give_back(reclaimed)
             return lease  # None: room to open a connection
 
@@ -969,7 +1028,11 @@ class ConnectionPool:
             self._close_idle_surplus()
             return
         self._give_back(lease)
-        if self.closed and self._idle.pop(lease, False):  # close() drained _idle meanwhile
+        if self.closed and lease in self._idle:  # close() drained _idle meanwhile
+            try:
+                del self._idle[lease]  # claimed (see _take_idle)
+            except KeyError:
+                return
             self._retire(lease, None, warn=False)
             return
         if self._max_idle is not None and now >= self._next_sweep:
@@ -992,7 +1055,15 @@ class ConnectionPool:
             if lease is None:
                 return
             most -= 1
-            if self._surplus(lease):
+            try:
+                surplus = self._surplus(lease)
+            except BaseException:  # a signal handler's: put it back, or close it
+                if lease in self._leases:
+                    self._idle[lease] = True
+                else:
+                    self._retire(lease, None, warn=False)
+                raise
+            if surplus:
                 self._retire(lease, None, warn=False)
             else:  # someone started waiting meanwhile
                 self._give_back(lease)
@@ -1069,7 +1140,13 @@ class ConnectionPool:
             other = self._take_idle()
             if other is None:
                 return to_wake
-            to_wake.append(self._hand_over(other))
+            try:
+                waiter = self._hand_over(other)
+            except BaseException:  # a signal handler's, before it was handed over
+                if other.state is IDLE:
+                    self._idle[other] = True
+                raise
+            to_wake.append(waiter)
         return self._ring_guard(to_wake)
 
     def _ring_guard(self, to_wake: list[_Waiter]) -> list[_Waiter]:
@@ -1108,12 +1185,15 @@ class ConnectionPool:
     def _hand_over(self, lease: Lease | None) -> _Waiter:
         # Under self._lock: the waiter accepts before it can give up; the
         # caller wakes it up once the lock is released.
-        waiter = self._waiters.popleft()
+        # No call from here to the return (a signal handler could run there):
+        # served, and out of the line, together.
+        waiter = self._waiters[0]
         waiter.lease = lease
-        waiter.served = True
         if lease is not None:
             lease.state = RESERVED  # IN_USE once the waiter's checkout has it
             self._handoffs += 1
+        waiter.served = True
+        del self._waiters[0]
         return waiter
 
     def _reset_or_retire(self, lease: Lease) -> bool:
@@ -1272,7 +1352,12 @@ class ConnectionPool:
             lease = self._take_idle()
             if lease is None:
                 break
-            self._retire(lease, None, warn=False)
+            try:
+                self._retire(lease, None, warn=False)
+            except BaseException:  # a signal handler's, before it was closed
+                if lease.state is IDLE:
+                    self._idle[lease] = True
+                raise
         self._queue.dispose()
 
     def histograms(self) -> dict[_metrics.TimingKind, _Histogram]:

@@ -193,9 +193,16 @@ def points(stats: Iterable[Mapping[str, Any]]) -> list[Point]:
             out += [
                 Point("db.client.connection.count", alias, "idle", total("idle")),
                 Point("db.client.connection.count", alias, "used", total("checked_out")),
-                # QueuePool keeps at most pool_size connections when they come
-                # back; overflow ones are closed. Nothing is opened ahead of use.
-                Point("db.client.connection.idle.max", alias, None, current["pool_size"]),
+                # At most pool_size connections stay idle when they come back:
+                # overflow ones are closed; with max_idle they stay up to
+                # max_idle seconds, so any of them. Nothing is opened ahead of use.
+                Point(
+                    "db.client.connection.idle.max",
+                    alias,
+                    None,
+                    current["pool_size"]
+                    + (current["max_overflow"] if current.get("max_idle") is not None else 0),
+                ),
                 Point("db.client.connection.idle.min", alias, None, 0),
                 Point("db.client.connection.max", alias, None,
                       current["pool_size"] + current["max_overflow"]),
