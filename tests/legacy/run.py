@@ -9,7 +9,9 @@ the South adapter on its path, starts a throwaway PostgreSQL (or uses
 DATABASE_URL), copies ``tests/legacy/sample`` to a temporary folder and drives
 it through South: syncdb, schemamigration --initial, migrate, a second schema
 migration, a data migration, requests through Django's WSGI handler, and
-Django's test runner. Ends with a pytest-like line, "N passed, N failed".
+Django's test runner; then the scenarios of review_probe.py (threads, cursors,
+session state, fork, interrupts, passwords) on Django 1.6 and 1.4. Ends with a
+pytest-like line, "N passed, N failed".
 
 Without a Python 2.7 interpreter the lane is skipped, loudly; with CI=true in
 the environment that is a failure instead.
@@ -400,6 +402,117 @@ def test_no_frame_of_ours_on_django_error_page_shows_the_password(lane: Lane) ->
     assert_error_page_clean(json.loads(lane.manage("error_report").stdout))
 
 
+# -- adversarial review of _legacy.py (tests/legacy/review_probe.py) -----------
+# Each scenario runs in both legacy virtualenvs (Django 1.6 and 1.4), a process
+# of its own, and reports facts as JSON; every one of them failed before its fix.
+
+
+def review(lane: Lane, scenario: str) -> list[dict[str, object]]:
+    """The reports of review_probe.py's ``scenario`` on Django 1.6, then 1.4."""
+    reports = []
+    for python in (lane.python, lane.python_dj14):
+        done = subprocess.run(
+            [str(python), str(Path(__file__).resolve().parent / "review_probe.py"),
+             str(lane.port), DATABASE, scenario],
+            env={**os.environ, "LEGACY_DB_PASSWORD": lane.password, "PYTHONDONTWRITEBYTECODE": "1"},
+            capture_output=True, text=True, timeout=120,
+        )
+        lane.outputs.append(done.stdout + done.stderr)
+        assert done.returncode == 0, done.stdout + done.stderr
+        reports.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert [r["django"] for r in reports] == ["1.6.11", "1.4.22"], reports
+    return reports
+
+
+def test_review_a_thread_that_ends_holding_a_connection_gives_it_back_rolled_back(
+        lane: Lane) -> None:
+    # Garbage collection off: the wrapper's reference cycles kept it until one ran.
+    for report in review(lane, "thread_end"):
+        assert report["errors"] == [], report  # a PoolTimeout in the second thread before
+        assert len(set(report["pids"])) == 1, report  # one connection, reused
+        assert report["clean"] is True, report  # its transaction rolled back
+
+
+def test_review_a_wrapper_dropped_holding_a_connection_is_reset_when_collected(
+        lane: Lane) -> None:
+    # Garbage collection returned it as it was (reset_on_return=None): with
+    # reset='discard', the next borrower saw its temporary table.
+    for report in review(lane, "dropped_wrapper"):
+        assert report["held_after_gc"] == 0, report
+        assert "error" not in report, report
+        assert (report["same_session"], report["clean"]) == (True, True), report
+
+
+def test_review_a_cursor_kept_past_close_cannot_run_on_the_next_borrowers_session(
+        lane: Lane) -> None:
+    for report in review(lane, "stale_cursor"):
+        assert report["same_session"] is True, report  # the borrower got that connection
+        assert (report["ran_on"], report["error"]) == (None, "InterfaceError"), report
+
+
+def test_review_driver_state_read_only_cursor_factory_notifies_reset_at_checkin(
+        lane: Lane) -> None:
+    for report in review(lane, "session_state"):
+        assert report["same_session"] is True and report["pending_before"] == 1, report
+        assert report["row_type"] == "tuple", report  # not the RealDictCursor left behind
+        assert report["notifies_after"] == 0, report
+        assert report["write"] == "ok", report  # not read-only (Django 1.4 was)
+
+
+def test_review_a_failing_connection_created_receiver_gives_the_connection_back(
+        lane: Lane) -> None:
+    for report in review(lane, "receiver_error"):
+        assert report["first"] == "receiver failed", report
+        assert report["held_after_error"] == 0, report
+        assert report["calls"] == 2, report  # the next connect ran the receivers again
+        assert report["application_name"] == "legacy-receiver-ran", report
+        assert report["held_at_end"] == 0, report
+
+
+def test_review_a_fork_child_neither_uses_nor_ends_its_parents_sessions(lane: Lane) -> None:
+    # The child queries, closes and calls close_pools() while the parent is in
+    # a transaction on one connection and has another idle in a pool.
+    for report in review(lane, "fork"):
+        assert report["child"] == "a session of its own", report
+        assert "parent_error" not in report, report
+        assert report["parent_session_kept"] is True, report
+        assert report["committed_rows"] == 1, report  # the child did not roll it back
+        assert (report["idle_session_kept"], report["idle_invalidated"]) == (True, 0), report
+    # A child that closed the inherited socket and reused its number for a file.
+    for report in review(lane, "fork_reused_descriptor"):
+        assert report == {**report, "file": "intact", "parent_session_kept": True}, report
+
+
+def test_review_keyboardinterrupt_in_checkin_or_checkout_leaves_nothing_dirty_or_held(
+        lane: Lane) -> None:
+    # A line tracer raises KeyboardInterrupt between ROLLBACK and DISCARD ALL
+    # at a checkin, and after the health check at a checkout.
+    for report in review(lane, "interrupt"):
+        assert (report["checkin"], report["checkout"]) == ("interrupted", "interrupted"), report
+        assert report["held_while_unwinding"] == 0, report
+        assert report["next_borrower_clean"] is True, report  # no temporary table left over
+        assert report["held_after_checkout_interrupt"] == 0, report
+        assert (report["held_by_next"], report["held_at_end"]) == (1, 0), report
+
+
+def test_review_a_password_in_name_or_dsn_is_in_no_stats_repr_or_frame_of_ours(
+        lane: Lane) -> None:
+    for report in review(lane, "password_in_name"):
+        for alias in ("conninfo", "dsn", "uri"):
+            assert report[alias]["our_frames"] >= 3, report
+            assert report[alias]["leaks"] == 0, (alias, report)
+
+
+def test_review_pool_options_not_a_dict_is_improperly_configured(lane: Lane) -> None:
+    # An AttributeError ('list' object has no attribute 'items') before.
+    for value, kind in (("[1]", "list"), ('"pool_size=3"', "unicode")):  # json gives unicode
+        done = lane.manage("pool_probe", ok=False, LEGACY_POOL_OPTIONS=value)
+        assert (
+            f"ImproperlyConfigured: DATABASES['default']['POOL_OPTIONS'] must be a dict of pool "
+            f"options, got {kind}. Valid options: {VALID}."
+        ) in done.stderr, done.stderr
+
+
 def test_password_never_appears_in_any_output(lane: Lane) -> None:
     leaks = [out for out in lane.outputs if lane.password in out]
     assert not leaks, f"{len(leaks)} outputs show the password"
@@ -422,6 +535,15 @@ TESTS: list[Callable[[Lane], None]] = [
     test_django_test_runner_migrates_and_drops_a_pooled_test_database,
     test_django_14_requests_reuse_one_backend_pid_and_roll_back,
     test_no_frame_of_ours_on_django_error_page_shows_the_password,
+    test_review_a_thread_that_ends_holding_a_connection_gives_it_back_rolled_back,
+    test_review_a_wrapper_dropped_holding_a_connection_is_reset_when_collected,
+    test_review_a_cursor_kept_past_close_cannot_run_on_the_next_borrowers_session,
+    test_review_driver_state_read_only_cursor_factory_notifies_reset_at_checkin,
+    test_review_a_failing_connection_created_receiver_gives_the_connection_back,
+    test_review_a_fork_child_neither_uses_nor_ends_its_parents_sessions,
+    test_review_keyboardinterrupt_in_checkin_or_checkout_leaves_nothing_dirty_or_held,
+    test_review_a_password_in_name_or_dsn_is_in_no_stats_repr_or_frame_of_ours,
+    test_review_pool_options_not_a_dict_is_improperly_configured,
     test_password_never_appears_in_any_output,
 ]
 

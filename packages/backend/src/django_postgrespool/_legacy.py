@@ -8,6 +8,10 @@ with ``options.py``; ``max_idle``, ``leak_timeout``, ``lease`` and ``fair_after`
 refused here unless they have their defaults), a
 QueuePool of SQLAlchemy 1.3/1.4 with a cap and a timeout, a rollback (or
 DISCARD ALL) when a connection is returned, and a health check at checkout.
+Returned means: by close(), by the end of the thread that borrowed it, or by
+garbage collection (reset all the same); the cursors made on it are closed
+then. A fork child neither uses nor closes the connections of its parent: it
+points them at /dev/null when it first meets them (Python 2 has no fork hook).
 
 Django 1.6 has the hooks the modern backend overrides (``get_new_connection``,
 ``_close``). Django 1.4 and 1.5 open the connection inside ``_cursor`` and
@@ -16,12 +20,16 @@ close it in ``close``; for them ``_cursor`` is Django's own code run with a
 """
 from __future__ import absolute_import
 
+import collections
+import fcntl
 import logging
 import os
 import select
+import thread
 import threading
 import time
 import types
+import weakref
 
 import django
 from django.conf import settings
@@ -32,6 +40,7 @@ from django.db.backends.postgresql_psycopg2.base import DatabaseError, Integrity
 from django.db.backends.postgresql_psycopg2.creation import DatabaseCreation as _PGCreation
 
 try:
+    from sqlalchemy import event as _sa_event
     from sqlalchemy import exc as _sa_exc
     from sqlalchemy.pool import QueuePool
 except ImportError:  # pragma: no cover - told to the user
@@ -94,6 +103,10 @@ class PoolTimeout(_OperationalError):
 _IDLE, _ACTIVE, _INTRANS, _INERROR, _UNKNOWN = range(5)
 _BORN = "django_postgrespool.born"
 _DISCARDED = "django_postgrespool.discarded"
+# The driver's own state at connect (cursor_factory, notices, notifies), restored at checkin.
+_INITIAL = "django_postgrespool.initial"
+# Set by checkin() just before SQLAlchemy takes the connection back: already reset.
+_RESET = "django_postgrespool.reset"
 
 
 def _params(conn_params):
@@ -107,6 +120,56 @@ def _raw(fairy):
     return getattr(fairy, "dbapi_connection", None) or fairy.connection
 
 
+def _lent(fairy):
+    """Tell whether ``fairy`` still holds its connection (not closed, not invalidated)."""
+    if hasattr(fairy, "dbapi_connection"):
+        return fairy.dbapi_connection is not None
+    return fairy.connection is not None
+
+
+def _shown(value):
+    """A target field as shown (repr, stats, logs): not a connection string (a password in it)."""
+    text = str(value)
+    return "(connection string)" if "=" in text or "://" in text else text
+
+
+def _socket_identity(raw):
+    st = os.fstat(raw.fileno())
+    return st.st_dev, st.st_ino
+
+
+def _neutralize(raw, identity):
+    """Point a connection inherited through fork() at /dev/null: never the parent's socket.
+
+    Whatever the child then does with it (garbage collection, exit: libpq's
+    Terminate message) goes nowhere; the parent's session is untouched. Not
+    when its descriptor is no longer that socket (a daemon closed it, and the
+    number may be another file's now): return False then.
+    """
+    try:
+        if raw.closed:
+            return True
+        fd = raw.fileno()
+        if _socket_identity(raw) != identity:
+            return False
+    except Exception:
+        return False
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        os.dup2(null, fd)
+        fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.fcntl(fd, fcntl.F_GETFD) | fcntl.FD_CLOEXEC)
+    finally:
+        os.close(null)
+    return True
+
+
+def _clear(items):
+    try:
+        del items[:]
+    except TypeError:  # a deque or another container the application put there
+        items.clear()
+
+
 class _Pool(object):
     """One QueuePool for one (process, alias, connection parameters)."""
 
@@ -115,19 +178,25 @@ class _Pool(object):
         self.options = options
         self.pid = os.getpid()
         self.target = {
-            "database": str(conn_params.get("database") or "postgres"),
-            "host": str(conn_params.get("host") or "(default)"),
-            "port": str(conn_params.get("port") or "5432"),
-            "user": str(conn_params.get("user") or "(default)"),
+            "database": _shown(conn_params.get("database") or "postgres"),
+            "host": _shown(conn_params.get("host") or "(default)"),
+            "port": _shown(conn_params.get("port") or "5432"),
+            "user": _shown(conn_params.get("user") or "(default)"),
         }
         self._cap = options["pool_size"] + options["max_overflow"]
         self._counts = {"checkouts": 0, "opened": 0, "invalidated": 0, "waits": 0, "timeouts": 0}
         self.closed = False
+        # Every connection this pool opened and has not freed, and its socket
+        # (device, inode): neutralized in a fork child.
+        self._opened = weakref.WeakKeyDictionary()
+        self._forgotten = False
         recycle = options["recycle"]
 
         def create(connection_record):
             raw = _pg.Database.connect(**conn_params)
+            self._opened[raw] = _socket_identity(raw)
             connection_record.info[_BORN] = time.time()
+            connection_record.info[_INITIAL] = (raw.cursor_factory, raw.notices, raw.notifies)
             self._counts["opened"] += 1
             return raw
 
@@ -140,6 +209,7 @@ class _Pool(object):
             use_lifo=options["use_lifo"],
             reset_on_return=None,  # checkin() resets, below
         )
+        _sa_event.listen(self._queue, "reset", self._reset_unreturned)
 
     def __repr__(self):
         t = self.target
@@ -166,11 +236,16 @@ class _Pool(object):
                 raise PoolTimeout(self.alias, self.options["pool_size"],
                                   self.options["max_overflow"], self._queue.checkedout(),
                                   self.options["timeout"])
-            fresh = fairy.info.get(_BORN, 0) >= started
-            if fresh or self._is_alive(_raw(fairy)):
-                self._counts["checkouts"] += 1
-                return fairy
-            self.discard(fairy, "it failed the health check at checkout")
+            try:
+                fresh = fairy.info.get(_BORN, 0) >= started
+                if fresh or self._is_alive(_raw(fairy)):
+                    self._counts["checkouts"] += 1
+                    return fairy
+                self.discard(fairy, "it failed the health check at checkout")
+            except BaseException:  # KeyboardInterrupt, SystemExit: nobody will give it back
+                if _lent(fairy):
+                    self.discard(fairy, "its checkout was interrupted", warn=False)
+                raise
         raise _OperationalError("%r could not find a live connection." % (self,))
 
     def _is_alive(self, raw):
@@ -194,16 +269,61 @@ class _Pool(object):
             return False
         return True
 
-    def checkin(self, fairy):
-        """Roll back (or DISCARD ALL) and return ``fairy``; discard it if that fails."""
-        raw = _raw(fairy)
-        problem = "its pool was closed" if self.closed else self._reset(raw)
-        if problem is None:
-            fairy.close()
-        else:
-            self.discard(fairy, problem, warn=not self.closed)
+    def checkin(self, fairy, cursors=()):
+        """Close ``cursors``, reset and return ``fairy``; discard it if the reset fails."""
+        if self.forked():
+            _abandoned.append(fairy)  # never reset, closed nor returned: the parent's
+            return
+        try:
+            # Kept past close(), they would run on the next borrower's session.
+            for cursor in list(cursors):
+                try:
+                    cursor.close()
+                except Exception:
+                    pass
+            problem = "its pool was closed" if self.closed else self._reset(_raw(fairy), fairy.info)
+            if problem is None:
+                fairy.info[_RESET] = True
+                fairy.close()
+            else:
+                self.discard(fairy, problem, warn=not self.closed)
+        except BaseException:  # interrupted: the session is in an unknown state
+            if _lent(fairy):
+                fairy.info.pop(_RESET, None)
+                self.discard(fairy, "its checkin was interrupted", warn=False)
+            raise
 
-    def _reset(self, raw):
+    def _reset_unreturned(self, fairy, record):
+        """SQLAlchemy's reset event: a connection nobody gave back (its holder was collected)."""
+        if record.info.pop(_RESET, False):
+            return  # checkin() reset it
+        if self.forked():
+            return  # forget() neutralized it (or keeps it): no I/O on the parent's session
+        if self.closed:
+            problem = "its pool was closed"
+        else:
+            problem = self._reset(_raw(fairy), record.info)
+        if problem is not None:
+            self._counts["invalidated"] += 1
+            record.invalidate()
+
+    def forked(self):
+        """Tell whether this is a fork child of the pool's process (then forget() first)."""
+        if self.pid == os.getpid():
+            return False
+        self.forget()
+        return True
+
+    def forget(self):
+        """In a fork child: point every connection of this pool at /dev/null (see _neutralize)."""
+        if not self._forgotten:
+            self._forgotten = True
+            _abandoned.append(self)
+            for raw, identity in list(self._opened.items()):
+                if not _neutralize(raw, identity):
+                    _abandoned.append(raw)  # never freed, so never closed by libpq
+
+    def _reset(self, raw, info):
         if raw.closed:
             return "the connection to the server was lost"
         status = raw.get_transaction_status()
@@ -216,6 +336,25 @@ class _Pool(object):
         try:
             if status != _IDLE:
                 raw.rollback()
+            # What the driver keeps and neither ROLLBACK nor DISCARD ALL resets
+            # (Django sets the isolation level at each checkout itself).
+            if getattr(raw, "readonly", None) is not None:
+                raw.readonly = None
+            if getattr(raw, "deferrable", None) is not None:
+                raw.deferrable = None
+            factory, notices, notifies = info.get(_INITIAL, (None, None, None))
+            if raw.cursor_factory is not factory:
+                raw.cursor_factory = factory
+            if notices is not None:
+                if raw.notices is not notices:
+                    raw.notices = notices
+                if notices:
+                    _clear(notices)
+            if notifies is not None:
+                if raw.notifies is not notifies:
+                    raw.notifies = notifies
+                if notifies:
+                    _clear(notifies)
             if self.options["reset"] == "discard":
                 raw.autocommit = True
                 cursor = raw.cursor()
@@ -227,6 +366,9 @@ class _Pool(object):
 
     def discard(self, fairy, reason, warn=True):
         """Close the physical connection of ``fairy`` and free its slot."""
+        if self.forked():
+            _abandoned.append(fairy)  # the parent's: never closed here
+            return
         self._counts["invalidated"] += 1
         if warn:
             logger.warning("Discarding a connection of database alias %r: %s.", self.alias, reason)
@@ -236,7 +378,8 @@ class _Pool(object):
     def close(self):
         """Close the idle connections; checked-out ones are closed at checkin."""
         self.closed = True
-        self._queue.dispose()
+        if not self.forked():  # in a fork child, the idle connections are the parent's
+            self._queue.dispose()
 
     def stats(self):
         """Return a snapshot of this pool's counters (no password)."""
@@ -256,19 +399,25 @@ class _Pool(object):
 # several threads agree on one pool per key.
 _lock = threading.Lock()
 _pools = {}
-# Pools inherited through fork() are kept, never closed: closing would end the
-# parent's sessions (Python 2 has no os.register_at_fork; the pid tells).
+# What a fork child inherited (pools, connections lent when it forked, and
+# those whose descriptor it closed, see _neutralize) is kept here, never closed
+# nor freed: that would end the parent's sessions (Python 2 has no
+# os.register_at_fork; the pid tells).
 _abandoned = []
 
 
 def _get_pool(alias, pool_settings, params):
     # pool_settings: _rules.pool_settings(); params: _params().
+    options = pool_settings.get("POOL_OPTIONS") or {}
+    # Not a dict: resolve_pool_options() below refuses it, naming the setting.
+    options = sorted(options.items()) if hasattr(options, "items") else options
     key = _rules.HiddenKey((alias, tuple(sorted((k, repr(v)) for k, v in params.items())),
-                repr(sorted((pool_settings.get("POOL_OPTIONS") or {}).items()))))
+                            repr(options)))
     with _lock:
         pool = _pools.get(key)
         if pool is not None and pool.pid != os.getpid():
-            _abandoned.extend(_pools.values())
+            for inherited in _pools.values():
+                inherited.forget()
             _pools.clear()
             pool = None
         if pool is None:
@@ -321,34 +470,132 @@ class _PooledDatabase(object):
         return getattr(_pg.Database, name)
 
 
+# The wrappers to which each thread lent a connection (see _Leases).
+_threads = threading.local()
+# (wrapper weakref, thread id) of threads that ended holding a connection:
+# given back at the next checkout of any thread (see _Leases).
+_ended = collections.deque()
+
+
+class _Leases(object):
+    """Held by a thread (in ``_threads``) while it lends connections: noted when it ends.
+
+    A thread that ends holding a connection leaves its DatabaseWrapper in a
+    reference cycle (Django's ``creation``, ``ops``... point back at it): the
+    connection would come back only at the next garbage collection, without
+    a reset. This object has no cycle: it is freed as soon as the thread's
+    locals are. Its finalizer takes no lock and runs no I/O: it only appends
+    to ``_ended`` (one step under the GIL); the next checkout gives the
+    connections back, reset.
+    """
+
+    __slots__ = ("ident", "wrappers")
+
+    def __init__(self):
+        self.ident = thread.get_ident()
+        self.wrappers = {}  # id(wrapper): weakref to it
+
+    def __del__(self):
+        for ref in list(self.wrappers.values()):
+            _ended.append((ref, self.ident))
+
+
+def _give_back_ended():
+    """Give back the connections of threads that ended holding them (see _Leases)."""
+    while _ended:
+        try:
+            ref, ident = _ended.popleft()
+        except IndexError:  # taken by another thread meanwhile
+            return
+        wrapper = ref()
+        if wrapper is not None:
+            wrapper._give_back_at_thread_end(ident)
+
+
 class DatabaseWrapper(_pg.DatabaseWrapper):
     """PostgreSQL, with connections borrowed from a pool."""
 
     def __init__(self, *args, **kwargs):
+        self._pool = self._pool_fairy = self._pool_cursors = self._pool_thread = None
         super(DatabaseWrapper, self).__init__(*args, **kwargs)
         self.creation = DatabaseCreation(self)
-        self._pool = self._pool_fairy = None
+
+    # Django reads and writes self.connection everywhere: in a fork child, the
+    # connection the parent had lent this wrapper is forgotten at the first
+    # read, before anything runs on (or closes) the parent's session.
+    def _get_connection(self):
+        raw = self.__dict__.get("connection")
+        if raw is not None and self._pool_fairy is not None and self._pool.pid != os.getpid():
+            self._checkin()  # the pool neutralizes it
+            raw = self.__dict__["connection"] = None
+        return raw
+
+    def _set_connection(self, raw):
+        self.__dict__["connection"] = raw
+
+    connection = property(_get_connection, _set_connection)
 
     def _checkout(self, params):
         """Check out of the pool for ``params`` (from ``_params()``)."""
         pool = _get_pool(self.alias, _rules.pool_settings(self.settings_dict), params)
+        if _ended:
+            _give_back_ended()
         fairy = pool.checkout()
-        self._pool, self._pool_fairy = pool, fairy
-        return _raw(fairy)
+        try:
+            self._pool, self._pool_fairy = pool, fairy
+            self._pool_cursors = weakref.WeakSet()
+            self._pool_thread = thread.get_ident()
+            leases = getattr(_threads, "leases", None)
+            if leases is None:
+                leases = _threads.leases = _Leases()
+            leases.wrappers[id(self)] = weakref.ref(self)
+            return _raw(fairy)
+        except BaseException:
+            if self._pool_fairy is fairy:
+                self._pool_fairy = None
+            pool.discard(fairy, "its checkout was interrupted", warn=False)
+            raise
 
-    def _checkin(self):
+    def _checkin(self, thread_ending=False):
         """Give the connection back to its pool; tell whether there was one."""
-        fairy, pool = self._pool_fairy, self._pool
+        fairy, pool, cursors = self._pool_fairy, self._pool, self._pool_cursors
         if fairy is None:
             return False
-        self._pool_fairy = None
+        self._pool_fairy = self._pool_cursors = None
+        # (An ending thread's locals are being freed: not read then.)
+        leases = None if thread_ending else getattr(_threads, "leases", None)
+        if leases is not None:
+            leases.wrappers.pop(id(self), None)
         if getattr(self, "in_atomic_block", False):
             # Django 1.6 keeps self.connection after a close inside an atomic
             # block (closed_in_transaction); it must not be lent to anyone.
             pool.discard(fairy, "it was closed inside an atomic block")
         else:
-            pool.checkin(fairy)
+            pool.checkin(fairy, cursors or ())
         return True
+
+    def _give_back_at_thread_end(self, ident):
+        """Thread ``ident`` ended: give back what it still holds (unless shared)."""
+        if self._pool_fairy is None or self._pool_thread != ident or \
+                getattr(self, "allow_thread_sharing", False):
+            return
+        self._checkin(thread_ending=True)
+        self.__dict__["connection"] = None
+
+    def _given_back_on_error(self):
+        """A new connection's setup failed (a connection_created receiver raised): give it back.
+
+        Else the wrapper would keep it, and its next query would run without
+        that setup.
+        """
+        if self._pool_fairy is not None:
+            self._checkin()
+        self.__dict__["connection"] = None
+
+    def _track(self, cursor):
+        if self._pool_cursors is not None:
+            self._pool_cursors.add(cursor)
+        return cursor
 
     if django.VERSION >= (1, 6):
 
@@ -356,6 +603,16 @@ class DatabaseWrapper(_pg.DatabaseWrapper):
             params = _params(conn_params)
             del conn_params  # shown by Django's DEBUG page if the checkout fails
             return self._checkout(params)
+
+        def connect(self):
+            try:
+                super(DatabaseWrapper, self).connect()
+            except BaseException:
+                self._given_back_on_error()
+                raise
+
+        def create_cursor(self):
+            return self._track(super(DatabaseWrapper, self).create_cursor())
 
         def _close(self):
             if self.connection is None or not self._checkin():
@@ -367,11 +624,21 @@ class DatabaseWrapper(_pg.DatabaseWrapper):
             code = _pg.DatabaseWrapper._cursor.__func__
             run = types.FunctionType(
                 code.__code__, dict(vars(_pg), Database=_PooledDatabase(self)), code.__name__)
-            return run(self)
+            new = self.connection is None
+            try:
+                cursor = run(self)
+            except BaseException:
+                if new:
+                    self._given_back_on_error()
+                raise
+            self._track(getattr(cursor, "cursor", cursor))  # psycopg2's, in Django's CursorWrapper
+            return cursor
 
         def close(self):
             self.validate_thread_sharing()
-            if self.connection is not None and self._checkin():
+            if self.connection is None or self._pool_fairy is None:
+                return super(DatabaseWrapper, self).close()
+            try:
+                self._checkin()
+            finally:  # interrupted too: the pool took it back or closed it, never ours again
                 self.connection = None
-            else:
-                super(DatabaseWrapper, self).close()
