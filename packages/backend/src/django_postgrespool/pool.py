@@ -545,12 +545,15 @@ class ConnectionPool:
         now = asked
         # Bounded: a failed health check marks every older connection as
         # suspect, so each further round either verifies one or opens one.
+        checking = False  # a health check runs: interrupted, its connection is closed
         try:
             for _ in self._rounds:
                 if lease is None:
                     lease, source = self._checkout_slow(open_connection, asked)
                     now = time.monotonic()
-                problem = None if source == "new" else self._check(lease, now)
+                checking = source != "new"
+                problem = self._check(lease, now) if checking else None
+                checking = False
                 if problem is None:
                     if lease.verified > now:  # pinged just now: the round trip was waited for
                         now = lease.verified
@@ -582,11 +585,17 @@ class ConnectionPool:
                 now = time.monotonic()
                 lease, source = self._take_idle(), "idle"
         except BaseException:
-            # A signal handler's exception (or a failed check's): the caller
-            # never has the connection this checkout claimed. Closed, as its
-            # check may have been cut short.
+            # A signal handler's exception (or a check's own): the caller
+            # never has the connection this checkout claimed. Closed if its
+            # check was cut short (a round trip may be half done), or if it
+            # is new (its borrower sets it up: Django's state of it is that
+            # wrapper's), else given back as it is: a KeyboardInterrupt costs
+            # no reconnection.
             if lease is not None and lease.state is not GONE:
-                self._retire(lease, "its checkout was interrupted", warn=False)
+                if checking or source == "new":
+                    self._retire(lease, "its checkout was interrupted", warn=False)
+                else:
+                    self._give_back(lease)
             raise
         raise PoolError(f"{self!r} could not find a live connection.")
 
