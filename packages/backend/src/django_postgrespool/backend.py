@@ -432,6 +432,11 @@ class PooledDatabaseWrapperMixin:
             or not self.autocommit  # type: ignore[attr-defined]
             or self.in_atomic_block  # type: ignore[attr-defined]
             or self._thread_sharing_count  # type: ignore[attr-defined]
+            # Another thread: a generator abandoned by an async view, closed
+            # on the event loop's thread, while this wrapper's thread may be
+            # entering atomic() (autocommit off, its flags not set yet). The
+            # owner gives it back at its next statement's end.
+            or self._thread_ident != get_ident()  # type: ignore[attr-defined]
         ):
             return
         for cursor in lease.cursors:

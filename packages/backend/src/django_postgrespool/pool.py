@@ -622,15 +622,18 @@ class ConnectionPool:
         deadline = asked + self.options.timeout
         while True:
             room = self._room
+            # A connection whose borrower ended first (a streaming response
+            # that failed, a task that outlived its request): below the cap
+            # too, else each would cost one more connection until the cap.
+            lease = self._reclaim_dead()
+            if lease is not None:
+                return lease, "reclaimed"
             # QueuePool's own count says whether it is at its cap: asking it
             # for a connection there would only raise, at a price.
             if self._has_room() or self._failing:
                 lease = self._open(open_connection)
                 if lease is not None:
                     return lease, "new"
-            lease = self._reclaim_dead()
-            if lease is not None:
-                return lease, "reclaimed"
             lease = self._wait(deadline, room)
             if lease is not None:
                 return lease, "handoff"
@@ -786,6 +789,16 @@ class ConnectionPool:
                     self.alias,
                     owner.name,
                 )
+                if any(_double_close(c) for c in lease.cursors):
+                    # A psycopg2 server-side cursor left open (a stream that
+                    # failed): a generator's finalizer may close it from another
+                    # thread at any moment, and psycopg2 looks at `closed` before
+                    # it waits for the connection: its CLOSE may be sent twice,
+                    # the second on the next borrower's session. Not lent again,
+                    # and closed without a CLOSE of ours: the server drops it.
+                    lease.cursors = []
+                    self._retire(lease, "its thread ended with a server-side cursor open")
+                    continue
                 if not self._reset_or_retire(lease):
                     continue
                 self._reclaimed += 1
@@ -1576,6 +1589,15 @@ def _status_reader(raw: Any) -> Callable[[], int]:
 _get_ident = threading.get_ident
 # Running threads by ident: threading's own table (current_thread() reads it).
 _active: dict[int, threading.Thread] = getattr(threading, "_active", {})
+
+
+def _double_close(cursor: Any) -> bool:
+    """Tell whether ``cursor`` is an open psycopg2 server-side cursor (see _reclaim_dead)."""
+    return (
+        not cursor.closed
+        and getattr(cursor, "name", None) is not None
+        and type(cursor).__module__.startswith("psycopg2")
+    )
 
 
 def _alive(thread: threading.Thread) -> bool:
