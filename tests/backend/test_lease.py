@@ -165,8 +165,8 @@ def test_connections_of_ended_threads_are_reused_without_the_garbage_collector(p
     assert errors == []
     (stats,) = pool_stats(alias)
     assert stats["timeouts"] == 0
-    assert stats["opened"] == 2
-    assert stats["reclaimed"] == 28
+    assert stats["opened"] == 1  # reclaimed before another is opened, below the cap too
+    assert stats["reclaimed"] == 29
 
 
 def test_no_hang_when_the_collector_runs_at_every_allocation(pooled_alias):
