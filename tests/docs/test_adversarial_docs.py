@@ -707,6 +707,8 @@ def test_every_repository_path_in_the_docs_exists() -> None:
         for path in re.findall(pattern, text):
             if path.startswith("django_postgrespool/"):
                 path = f"packages/backend/src/{path}"
+            if path.startswith("docs/_build"):  # what make docs makes: not in a clone
+                continue
             assert (ROOT / path).exists(), (where, path)
             seen += 1
     assert seen > 40
