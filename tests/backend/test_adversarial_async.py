@@ -342,9 +342,10 @@ def test_a_failed_stream_leaves_its_connection_to_its_ended_thread_until_the_cap
     assert (after.status, after.error) == (200, None)
     s = stats(alias)
     assert s["checked_out"] == 0 and s["timeouts"] == 0, s
-    # psycopg2: the reclaim's reset may lose the double CLOSE race (the last test) and
-    # discard the connection instead.
-    assert s["reclaimed"] == 1 or (DRIVER == "psycopg2" and s["invalidated"] == 1), s
+    # Reclaimed, or found unusable by the reclaim and discarded: a psycopg2
+    # server-side cursor left open (see the last test), or (Django 4.2) a
+    # command still running on it when the send failed.
+    assert s["reclaimed"] + s["invalidated"] == 1, s
     (pid,) = monitor.pids(STATE.app)
     assert after.body.split() == [str(pid).encode(), b"0"]  # reclaimed, its cursor closed
 
@@ -366,10 +367,11 @@ def test_a_failed_stream_gives_its_connection_back_before_more_are_opened(
     gc.collect()
     s = stats(alias)
     assert s["checked_out"] == 0, s
-    # One request at a time: one connection is enough. psycopg2: one whose
-    # server-side cursor a failed stream left open is closed, not lent again
-    # (see test_a_failed_streams_cursor_is_never_closed_on_the_next_borrowers_session).
-    assert s["opened"] <= (3 if DRIVER == "psycopg2" else 1), s
+    # One request at a time: one connection is enough, unless the reclaim found
+    # it unusable and discarded it (a psycopg2 server-side cursor left open, see
+    # test_a_failed_streams_cursor_is_never_closed_on_the_next_borrowers_session;
+    # Django 4.2: a command still running on it when the send failed).
+    assert s["opened"] == 1 + s["invalidated"], s
 
 
 @PSYCOPG2_DOUBLE_CLOSE
@@ -492,3 +494,45 @@ def test_a_failed_streams_cursor_is_never_closed_on_the_next_borrowers_session(
     assert [u for u in unraisable if "connection pointer is NULL" not in u] == []
     assert ok(replies[0::2]) == []
     assert stats(alias)["timeouts"] == 0
+
+
+@pytest.mark.skipif(DRIVER != "psycopg2", reason="psycopg2's cursors (psycopg 3 closes under its lock)")
+def test_a_psycopg2_server_side_cursor_closed_by_two_threads_at_once_is_closed_once(
+    pooled_alias, racy
+) -> None:
+    # The race of the test above, made likely: two threads close one named
+    # cursor at the same moment, 200 times. psycopg2 alone sends CLOSE twice.
+    import threading
+
+    from django.db import connections
+
+    alias, _ = pooled_alias(pool_options={"pool_size": 1, "max_overflow": 0})
+    conn = connections[alias]
+    errors: list[BaseException] = []
+    for _ in range(200):
+        cursor = conn.chunked_cursor()  # a named (server-side) cursor, WITH HOLD
+        cursor.execute("SELECT generate_series(1, 10)")
+        cursor.fetchone()
+        raw = cursor.cursor
+        barrier = threading.Barrier(2)
+
+        def close(how: str, raw: Any = raw, barrier: threading.Barrier = barrier) -> None:
+            try:
+                barrier.wait(5)
+                getattr(raw, how, raw.close)()  # as the pool's checkin calls it
+            except BaseException as error:  # noqa: BLE001 - reported below
+                errors.append(error)
+
+        threads = [
+            threading.Thread(target=close, args=("close",)),
+            threading.Thread(target=close, args=("close_at_checkin",)),
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        assert raw.closed
+    assert errors == []
+    with conn.cursor() as cursor:  # the session is fine
+        cursor.execute("SELECT 1")
+    conn.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from asyncio import _get_running_loop
 from collections.abc import Hashable, Iterator, Mapping
@@ -162,6 +163,63 @@ def _releasing(wrapper_class: type) -> type:
 
 # psycopg 3's server-side cursor (None with psycopg2, whose cursors check first).
 _SERVER_CURSOR: type | None = getattr(_Database, "ServerCursor", None)
+# psycopg2's cursor class (None with psycopg 3).
+_PSYCOPG2_CURSOR: type | None = (
+    None
+    if _SERVER_CURSOR is not None
+    else getattr(getattr(_Database, "extensions", None), "cursor", None)
+)
+_CLOSING_ONCE: dict[type, type] = {}
+
+
+def _closing_once(cursor_class: Any) -> type:
+    """``cursor_class`` (psycopg2's, or a cursor_factory) whose named cursors close once.
+
+    psycopg2 looks at ``closed`` before it waits for the connection: a server-
+    side cursor closed by two threads at once (a generator abandoned by an
+    async view, finalized on the event loop's thread, while the request's
+    end closes the cursors it left) sends CLOSE twice, and the second may run
+    on the next borrower's session and abort its transaction. Closing takes a
+    lock: without waiting (a finalizer may be the caller: if another thread
+    is closing it, that one does), except at checkin (close_at_checkin()),
+    which waits for such a close to end before the connection is lent again.
+    """
+    made = _CLOSING_ONCE.get(cursor_class)
+    if made is None:
+
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            cursor_class.__init__(self, *args, **kwargs)
+            self._closing = threading.Lock()
+
+        def close(self: Any) -> None:
+            if self._closing.acquire(False):
+                try:
+                    if not self.closed:
+                        cursor_class.close(self)
+                finally:
+                    self._closing.release()
+
+        def close_at_checkin(self: Any) -> None:
+            if self._closing.acquire(timeout=5.0):
+                try:
+                    if not self.closed:
+                        cursor_class.close(self)
+                finally:
+                    self._closing.release()
+
+        made = _CLOSING_ONCE[cursor_class] = type(
+            cursor_class.__name__,
+            (cursor_class,),
+            {
+                "__slots__": ("_closing",),
+                "__init__": __init__,
+                "close": close,
+                "close_at_checkin": close_at_checkin,
+                "__doc__": cursor_class.__doc__,
+                "__module__": cursor_class.__module__,
+            },
+        )
+    return made
 
 # Django's methods that close_if_unusable_or_obsolete() calls, which its fast
 # way does not (a subclass or a test that replaces one gets Django's way).
@@ -375,7 +433,18 @@ class PooledDatabaseWrapperMixin:
         return super().get_new_connection(self.get_connection_params())  # type: ignore[misc]
 
     def create_cursor(self, name: str | None = None) -> Any:
-        cursor = super().create_cursor(name)  # type: ignore[misc]
+        if name and _PSYCOPG2_CURSOR is not None:
+            # A server-side cursor of psycopg2: made by the connection's
+            # cursor_factory (a C type's instances cannot change class later).
+            raw = self.connection  # type: ignore[attr-defined]
+            factory = raw.cursor_factory
+            raw.cursor_factory = _closing_once(factory or _PSYCOPG2_CURSOR)
+            try:
+                cursor = super().create_cursor(name)  # type: ignore[misc]
+            finally:
+                raw.cursor_factory = factory
+        else:
+            cursor = super().create_cursor(name)  # type: ignore[misc]
         if name and _SERVER_CURSOR is not None and isinstance(cursor, _SERVER_CURSOR):
             cursor.__class__ = _guarded(type(cursor))
         lease = self._lease

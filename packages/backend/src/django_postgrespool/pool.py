@@ -1256,7 +1256,9 @@ class ConnectionPool:
                     if not cursor.closed:
                         if status == _INERROR:
                             raw.rollback()
-                        cursor.close()
+                        # psycopg2's server-side ones: waits for another
+                        # thread's close of it to end (backend._closing_once).
+                        getattr(cursor, "close_at_checkin", cursor.close)()
                         status = lease.status()
             if status != _IDLE:  # in a transaction, or a failed one
                 raw.rollback()
