@@ -496,7 +496,7 @@ def test_a_failed_streams_cursor_is_never_closed_on_the_next_borrowers_session(
     assert stats(alias)["timeouts"] == 0
 
 
-@pytest.mark.skipif(DRIVER != "psycopg2", reason="psycopg2's cursors (psycopg 3 closes under its lock)")
+@pytest.mark.skipif(DRIVER != "psycopg2", reason="psycopg 3 closes under the connection's lock")
 def test_a_psycopg2_server_side_cursor_closed_by_two_threads_at_once_is_closed_once(
     pooled_alias, racy
 ) -> None:
