@@ -127,12 +127,6 @@ def _lent(fairy):
     return fairy.connection is not None
 
 
-def _shown(value):
-    """A target field as shown (repr, stats, logs): not a connection string (a password in it)."""
-    text = str(value)
-    return "(connection string)" if "=" in text or "://" in text else text
-
-
 def _socket_identity(raw):
     st = os.fstat(raw.fileno())
     return st.st_dev, st.st_ino
@@ -178,10 +172,10 @@ class _Pool(object):
         self.options = options
         self.pid = os.getpid()
         self.target = {
-            "database": _shown(conn_params.get("database") or "postgres"),
-            "host": _shown(conn_params.get("host") or "(default)"),
-            "port": _shown(conn_params.get("port") or "5432"),
-            "user": _shown(conn_params.get("user") or "(default)"),
+            "database": _rules.shown(conn_params.get("database") or "postgres"),
+            "host": _rules.shown(conn_params.get("host") or "(default)"),
+            "port": _rules.shown(conn_params.get("port") or "5432"),
+            "user": _rules.shown(conn_params.get("user") or "(default)"),
         }
         self._cap = options["pool_size"] + options["max_overflow"]
         self._counts = {"checkouts": 0, "opened": 0, "invalidated": 0, "waits": 0, "timeouts": 0}

@@ -401,3 +401,14 @@ def not_on_legacy_message(source, key):
         "backend); remove it, or set it to %s. %s"
         % (source, _r(key), _r(DEFAULTS[key]), see("legacy"))
     )
+
+
+def shown(value):
+    # type: (object) -> str
+    """A setting as a pool shows it (repr, stats, logs, metrics' labels).
+
+    libpq takes a connection string or URI where a database name goes: with
+    a password in it, perhaps. Such a value is shown as "(connection string)".
+    """
+    text = str(value)
+    return "(connection string)" if "=" in text or "://" in text else text

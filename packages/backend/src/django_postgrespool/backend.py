@@ -34,6 +34,7 @@ from django_postgrespool._rules import (
     HiddenParams,
     options_type_message,
     pool_settings,
+    shown,
 )
 from django_postgrespool.errors import PoolError
 from django_postgrespool.options import POOL_OPTION_NAMES, resolve_pool_options
@@ -240,16 +241,6 @@ def _note_pool_args(*, setting: str, **kwargs: Any) -> None:
 
 
 setting_changed.connect(_note_pool_args, dispatch_uid="django_postgrespool.pool_args")
-
-
-def _shown(value: Any) -> str:
-    """A setting as the pool shows it (repr, stats, logs, metrics' labels).
-
-    libpq takes a connection string or URI where a database name goes: with
-    a password in it, perhaps. Such a value is shown as "(connection string)".
-    """
-    text = str(value)
-    return "(connection string)" if "=" in text or "://" in text else text
 
 
 class PooledDatabaseWrapperMixin:
@@ -782,10 +773,10 @@ class PooledDatabaseWrapperMixin:
         service = self.settings_dict["OPTIONS"].get("service")  # type: ignore[attr-defined]
         given = f"(service {str(service)!r})" if service else None
         target = Target(
-            database=_shown(self.settings_dict["NAME"] or given or "postgres"),  # type: ignore[attr-defined]
-            host=_shown(self.settings_dict["HOST"] or given or "(default)"),  # type: ignore[attr-defined]
-            port=_shown(self.settings_dict["PORT"] or given or "(default)"),  # type: ignore[attr-defined]
-            user=_shown(self.settings_dict["USER"] or given or "(default)"),  # type: ignore[attr-defined]
+            database=shown(self.settings_dict["NAME"] or given or "postgres"),  # type: ignore[attr-defined]
+            host=shown(self.settings_dict["HOST"] or given or "(default)"),  # type: ignore[attr-defined]
+            port=shown(self.settings_dict["PORT"] or given or "(default)"),  # type: ignore[attr-defined]
+            user=shown(self.settings_dict["USER"] or given or "(default)"),  # type: ignore[attr-defined]
         )
         attrs = self.settings_dict["OPTIONS"].get("target_session_attrs")  # type: ignore[attr-defined]
         return ConnectionPool(
