@@ -78,7 +78,7 @@ demo: ## Serve the example project on 127.0.0.1:8000 with an embedded PostgreSQL
 lint: ## Type-check the packages (mypy, strict) and lint them (ruff)
 	@py=$$($(PYTHON) tests/support/lanes.py tool lint "mypy>=1.13" "ruff>=0.8" "django-stubs>=5.1" \
 	  "Django>=5.2,<5.3" "SQLAlchemy>=2.1,<2.2" "psycopg[binary]>=3.1.8" "dj-database-url>=3.0" \
-	  "opentelemetry-api>=1.27" "prometheus_client>=0.20" "django-debug-toolbar>=4.4" \
+	  "opentelemetry-api>=1.30" "prometheus_client>=0.20" "django-debug-toolbar>=4.4" \
 	  -e packages/backend -e packages/dburl -e packages/south_adapter); \
 	$$py -m mypy packages/backend/src packages/dburl/src packages/south_adapter/src && \
 	$$py -m ruff check packages

@@ -11,7 +11,7 @@ from django.db import connections
 from django_postgrespool import PoolError, pool_stats, prewarm
 
 from tests.support.db import connect, url_params
-from tests.support.proxy import pipe
+from tests.support.proxy import listener, pipe
 from tests.support.requests import backend_pid, run_request
 from tests.support.settings import database_settings, unique_name
 
@@ -100,11 +100,7 @@ class DroppingServer:
         self.upstream = upstream
         self.accepted = 0
         self.back = threading.Event()
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
+        self.sock, self.port = listener()
         self._stop = False
         threading.Thread(target=self._serve, daemon=True).start()
 

@@ -6,6 +6,15 @@ import socket
 import threading
 
 
+def listener(backlog: int = 64) -> tuple[socket.socket, int]:
+    """A socket listening on a free port of 127.0.0.1, and that port."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(backlog)
+    return sock, sock.getsockname()[1]
+
+
 def pipe(src: socket.socket, dst: socket.socket) -> None:
     """Copy ``src`` to ``dst`` until either side closes; then shut both down."""
     try:
@@ -31,11 +40,7 @@ class HoldingProxy:
 
     def __init__(self, upstream: tuple[str, int]) -> None:
         self.upstream = upstream
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
+        self.sock, self.port = listener(16)
         self._marker: bytes | None = None
         self._sockets: list[socket.socket] = []
         threading.Thread(target=self._serve, daemon=True).start()

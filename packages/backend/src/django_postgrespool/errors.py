@@ -58,3 +58,11 @@ def _rebuild_timeout(
         checked_out=checked_out,
         timeout=timeout,
     )
+
+
+def missing_extra(feature: str, extra: str, error: ImportError) -> ImportError:
+    """The error for ``feature`` when a package of the ``extra`` it needs is not installed."""
+    return ImportError(
+        f"{feature} needs {error.name or 'a package'}, which is not installed: "
+        f"pip install 'django-postgrespool[{extra}]'"
+    )

@@ -96,6 +96,9 @@ _FAIR_SLACK = 0.0005
 # the longest (a server that is back serves within this of accepting).
 _BACKOFF_FIRST = 0.1
 _BACKOFF_MAX = 0.8
+# Seconds after which a failed attempt no longer holds back the checkouts that
+# need a new connection at once (see _open): nobody needed one since.
+_FORGET_FAILURE = 5.0
 # Each connection's recycle age is shortened by up to this fraction, so that
 # connections opened together are not all replaced in the same second.
 _RECYCLE_SPREAD = 0.05
@@ -441,6 +444,8 @@ class ConnectionPool:
         self._rounds = range(options.max_connections + 2)
         self._discard_all = options.reset == "discard"
         self._connect_errors = connect_errors
+        # What a failed attempt to open raises (see _checkout_slow).
+        self._refusals: tuple[type[BaseException], ...] = (PoolError, *connect_errors)
         # libpq checks target_session_attrs only when it connects; a pooled
         # session outlives a demotion (a server made read-only, a standby that
         # took over the address) or a promotion: with a value that refuses
@@ -620,6 +625,7 @@ class ConnectionPool:
     def _checkout_slow(self, open_connection: Callable[[], Any], asked: float) -> tuple[Lease, str]:
         """Open a new connection, reclaim an ended thread's, or wait for a hand-off."""
         deadline = asked + self.options.timeout
+        refused: BaseException | None = None  # the last attempt's error, while waiting
         while True:
             room = self._room
             # A connection whose borrower ended first (a streaming response
@@ -631,10 +637,26 @@ class ConnectionPool:
             # QueuePool's own count says whether it is at its cap: asking it
             # for a connection there would only raise, at a price.
             if self._has_room() or self._failing:
-                lease = self._open(open_connection)
+                try:
+                    lease = self._open(open_connection)
+                except self._refusals as error:
+                    # The server refuses (full, a role's connection limit, a
+                    # password changed) or the backoff holds: with connections
+                    # of the pool lent, which will come back (or given back
+                    # meanwhile), wait for one within the timeout (HikariCP's
+                    # and psycopg_pool's way). With none, nothing can come
+                    # (the server is down, or refuses us everything): fail at once.
+                    if not self._leases:
+                        raise
+                    refused = error
                 if lease is not None:
                     return lease, "new"
-            lease = self._wait(deadline, room)
+            try:
+                lease = self._wait(deadline, room)
+            except PoolTimeout as timeout:
+                if refused is None:
+                    raise
+                raise timeout from refused
             if lease is not None:
                 return lease, "handoff"
             # None: a connection closed meanwhile, there is room for a new one.
@@ -647,12 +669,15 @@ class ConnectionPool:
         attempting = False
         if self._failing:
             # After a failed attempt: fail at once until the backoff is over,
-            # then let one checkout at a time try.
+            # then let one checkout at a time try. A failure older than
+            # _FORGET_FAILURE (nobody needed a new connection since) holds
+            # nobody back: checkouts that need one at once all try.
             now = time.monotonic()
-            with self._lock:
-                if now < self._backoff_until or self._attempting:
-                    raise self._backoff_error(now)
-                self._attempting = attempting = True
+            if now - self._last_failure_at <= _FORGET_FAILURE:
+                with self._lock:
+                    if now < self._backoff_until or self._attempting:
+                        raise self._backoff_error(now)
+                    self._attempting = attempting = True
         started = time.monotonic()
         _opening.open = open_connection
         try:
@@ -885,6 +910,9 @@ class ConnectionPool:
             reclaimed = None
             if remaining > 0:
                 nap = min(remaining, _RECLAIM_INTERVAL)
+                if self._failing and now < self._backoff_until:
+                    # Refused (see _checkout_slow): look again as the backoff ends.
+                    nap = min(nap, self._backoff_until - now + _FAIR_SLACK)
                 if waiter.guard and not fair_checked:
                     nap = min(nap, max(waiter.since + self._fair_after - now, 0.0) + _FAIR_SLACK)
                 if waiter.sleep(nap):
@@ -1289,29 +1317,44 @@ class ConnectionPool:
         self, lease: Lease, problem: str | None, *, warn: bool = True, recycled: bool = False
     ) -> None:
         """Close the connection of ``lease`` (its slot goes back to QueuePool)."""
-        lease.state = GONE
+        lease.state = GONE  # the claim: whoever set it closes the connection
         lease.owner = None
-        self._idle.pop(lease, None)
-        for cursor in lease.cursors:  # no cursor outlives its lease
-            try:
-                cursor.close()
-            except Exception:
-                pass
-        lease.cursors = []
-        if problem is not None:
-            self._invalidated += 1
-            if warn:
-                logger.warning(
-                    "Discarding a connection of database alias %r: %s.", self.alias, problem
-                )
-        elif recycled:
-            self._recycled += 1
+        # Closed and its slot freed even if a signal handler's exception cuts
+        # what comes first short: a GONE lease is nobody's to close after this.
         try:
-            lease.fairy.invalidate()  # closes it; QueuePool frees the slot
-        except Exception:  # closing a broken connection may fail: it is gone anyway
-            pass
-        self._closed += 1
-        self._signal_room(lease)
+            self._idle.pop(lease, None)
+            for cursor in lease.cursors:  # no cursor outlives its lease
+                try:
+                    cursor.close()
+                except Exception:
+                    pass
+            lease.cursors = []
+            if problem is not None:
+                self._invalidated += 1
+                if warn:
+                    logger.warning(
+                        "Discarding a connection of database alias %r: %s.", self.alias, problem
+                    )
+            elif recycled:
+                self._recycled += 1
+        finally:
+            try:
+                try:
+                    lease.fairy.invalidate()  # closes it; QueuePool frees the slot
+                except Exception:  # closing a broken connection may fail: it is gone anyway
+                    pass
+            finally:
+                self._closed += 1
+                try:
+                    self._signal_room(lease)
+                except BaseException:
+                    # Cut short as it was called: the slot leaves _leases all
+                    # the same (a set's -= is one step), or the pool would count
+                    # it for ever. Waiters see the room at their next look
+                    # (each nap is at most _RECLAIM_INTERVAL).
+                    self._leases -= {lease}
+                    self._room += 1
+                    raise
 
     def _signal_room(self, gone: Lease | None = None) -> None:
         """A slot under the cap is free: wake the oldest waiter to open a connection."""
@@ -1391,6 +1434,10 @@ class ConnectionPool:
     def in_use(self) -> int:
         """Return how many connections are lent right now."""
         return len(self._leases) - len(self._idle)
+
+    def idle_count(self) -> int:
+        """Return how many connections are idle right now."""
+        return len(self._idle)
 
     def abandon_after_fork(self, devnull: int) -> None:
         """In a forked child: detach this pool's sockets without a word to the server.
@@ -1705,15 +1752,23 @@ class _Housekeeper:
         self._wake = threading.Event()  # a new pool: look at the intervals again
 
     def watch(self, pool: ConnectionPool) -> None:
+        start = False
         with self._lock:
             self._pools.add(pool)
             self._wake.set()
             if self._pid != os.getpid():  # none yet, or inherited through fork
                 self._pid = os.getpid()
                 self._wake = threading.Event()
-                threading.Thread(
-                    target=self._run, name="django_postgrespool housekeeper", daemon=True
-                ).start()
+                start = True
+        if start:
+            # Not under the lock: under gevent, start() switches to the new
+            # greenlet, whose first look at the pools takes the lock. Made in
+            # the fork hook, before a gevent worker patches threading, it is
+            # an OS lock: held by the greenlet that switched, the process
+            # would block on it for good.
+            threading.Thread(
+                target=self._run, name="django_postgrespool housekeeper", daemon=True
+            ).start()
 
     def _watched(self) -> list[ConnectionPool]:
         # A WeakSet may not change while it is iterated: watch() adds to it

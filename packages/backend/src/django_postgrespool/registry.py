@@ -24,7 +24,8 @@ __all__ = [
 
 # Held only while looking up or creating a pool (never while connecting), so
 # that the first requests of several threads agree on one pool per key.
-_lock = threading.Lock()
+_lock: threading.Lock | None = threading.Lock()  # through _registry_lock(), never directly
+_making = threading.Lock()  # held only to make _lock in a forked child
 _pools: dict[Hashable, ConnectionPool] = {}
 # A forked child keeps its parent's pools here, untouched, for ever: letting
 # them be garbage-collected would close the parent's connections.
@@ -135,7 +136,7 @@ def get_pool(key: Hashable, build: Callable[[], ConnectionPool]) -> ConnectionPo
     pool = _pools.get(key)
     if pool is not None:
         return pool
-    with _lock:
+    with _registry_lock():
         pool = _pools.get(key)
         if pool is not None:
             return pool
@@ -147,13 +148,37 @@ def get_pool(key: Hashable, build: Callable[[], ConnectionPool]) -> ConnectionPo
             if other.alias == pool.alias
             or (configured is not None and other.alias not in configured)
         ]
-        retired = [_pools.pop(k) for k in stale]
+        _retire(stale)  # not closed yet: they stay until drained
         _pools[key] = pool
-        _retired.extend(retired)  # not closed yet: they stay until drained
         _sweep()
-    for other in retired:
-        other.close(retired=True)
+    _close_retired()
     return pool
+
+
+def _retire(keys: list[Hashable]) -> None:
+    """Move the pools of ``keys`` from _pools to _retired (hold _lock)."""
+    # One at a time, with no call between taking a pool out of _pools and
+    # appending it to _retired (append's own check for a pending signal
+    # comes after it has appended): a signal handler's exception (a
+    # KeyboardInterrupt, a task's time limit) during a settings switch
+    # leaves each pool in one of the two, never in neither, where it would
+    # hold its idle connections, unclosed and uncounted, for ever.
+    for key in keys:
+        other = _pools[key]
+        del _pools[key]
+        _retired.append(other)
+
+
+def _close_retired() -> None:
+    """Close each retired pool whose close() has not run to its end (outside _lock)."""
+    # Every retired one, not just those the caller retired: a close() cut
+    # short by a signal handler's exception (or never reached) is finished
+    # by the next switch, close_pools() or look at the stats (an exporter's
+    # scrape). Closing again is harmless: it closes what is idle and
+    # reclaims dead borrowers' connections.
+    for other in _retired[:]:
+        if not other.closed or other.idle_count():
+            other.close(retired=True)
 
 
 def _configured_aliases() -> Any:
@@ -195,19 +220,17 @@ def close_pools(alias: str | None = None, database: str | None = None) -> int:
     Idle connections close at once; checked-out ones when they are returned.
     The next checkout builds a new pool. Return how many pools were closed.
     """
-    with _lock:
+    with _registry_lock():
         doomed = [
             key
             for key, pool in _pools.items()
             if (alias is None or pool.alias == alias)
             and (database is None or pool.target["database"] == database)
         ]
-        pools = [_pools.pop(key) for key in doomed]
-        _retired.extend(pools)  # shown by pool_stats() while they still lend
+        _retire(doomed)  # shown by pool_stats() while they still lend
         _sweep()
-    for pool in pools:
-        pool.close(retired=True)
-    return len(pools)
+    _close_retired()
+    return len(doomed)
 
 
 def snapshot(alias: str | None = None) -> tuple[list[PoolStats], list[DepartedStats]]:
@@ -216,10 +239,11 @@ def snapshot(alias: str | None = None) -> tuple[list[PoolStats], list[DepartedSt
     What the exporters sum per alias: a pool that departs in between is
     counted once, never twice nor not at all.
     """
-    with _lock:
+    with _registry_lock():
         _sweep()
         pools = [p for p in (*_pools.values(), *_retired) if alias is None or p.alias == alias]
         departed = [d.stats() for a, d in _departed.items() if alias is None or a == alias]
+    _close_retired()
     return [pool.stats() for pool in pools], departed
 
 
@@ -239,14 +263,14 @@ def departed_stats(alias: str | None = None) -> list[DepartedStats]:
 
 def all_pools() -> list[ConnectionPool]:
     """Every pool of this process: the current ones and retired ones not yet drained."""
-    with _lock:
+    with _registry_lock():
         _sweep()
         return [*_pools.values(), *_retired]
 
 
 def timing_sources() -> list[Any]:
     """Every pool and each alias's departed histograms, at one moment (the OpenTelemetry feed's)."""
-    with _lock:
+    with _registry_lock():
         _sweep()
         return [*_pools.values(), *_retired, *(d.taken() for d in _departed.values())]
 
@@ -256,17 +280,36 @@ def on_fork_in_child(callback: Callable[[], Any]) -> None:
     _fork_callbacks.append(callback)
 
 
+def _registry_lock() -> threading.Lock:
+    """The registry's lock, made at its first use in a forked child.
+
+    Not in the fork hook: a gunicorn gevent worker patches threading after
+    the fork. A lock made before is an OS lock, and a greenlet switch while
+    it is held (building a pool starts the housekeeper, a greenlet then)
+    would block the whole process as soon as another greenlet asks for it.
+    """
+    global _lock
+    lock = _lock
+    if lock is None:
+        with _making:
+            lock = _lock
+            if lock is None:
+                lock = _lock = threading.Lock()
+    return lock
+
+
 def _before_fork() -> None:
-    _lock.acquire()
+    _registry_lock().acquire()
 
 
 def _after_fork_in_parent() -> None:
-    _lock.release()
+    _registry_lock().release()
 
 
 def _after_fork_in_child() -> None:
-    global _lock, _pools
-    _lock = threading.Lock()
+    global _lock, _making, _pools
+    _lock = None
+    _making = threading.Lock()
     inherited, _pools = list(_pools.values()) + _retired, {}
     _retired.clear()
     # The child counts from zero: what the parent's pools counted stays the

@@ -19,7 +19,14 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from debug_toolbar.panels import Panel
+from django_postgrespool.errors import missing_extra
+
+try:
+    from debug_toolbar.panels import Panel
+except ImportError as error:  # the extra is not installed
+    raise missing_extra(
+        "The Debug Toolbar panel (django_postgrespool.toolbar)", "debug-toolbar", error
+    ) from error
 from django.http import HttpRequest, HttpResponse
 
 __all__ = ["PoolPanel"]

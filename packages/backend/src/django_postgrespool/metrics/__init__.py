@@ -96,16 +96,26 @@ def register_exporters() -> None:
     _exporters_registered = True
     if not enabled():
         return
-    import importlib.util
-
-    if importlib.util.find_spec("opentelemetry") is not None:
+    # opentelemetry.metrics, not opentelemetry: any opentelemetry-* distribution
+    # (opentelemetry-proto alone, say) provides that namespace package.
+    if _installed("opentelemetry.metrics"):
         from django_postgrespool.metrics import otel
 
         otel.register()
-    if importlib.util.find_spec("prometheus_client") is not None:
+    if _installed("prometheus_client"):
         from django_postgrespool.metrics import prometheus
 
         prometheus.register()
+
+
+def _installed(module: str) -> bool:
+    """Tell whether ``module`` can be imported (its parent package too, if it has one)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # the parent package is missing
+        return False
 
 
 # -- the metrics, from a snapshot ------------------------------------------

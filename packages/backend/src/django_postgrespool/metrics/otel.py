@@ -50,8 +50,15 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from opentelemetry import metrics as otel_metrics
-from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
+from django_postgrespool.errors import missing_extra
+
+try:
+    from opentelemetry import metrics as otel_metrics
+    from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
+except ImportError as error:  # the extra is not installed
+    raise missing_extra(
+        "The OpenTelemetry exporter (django_postgrespool.metrics.otel)", "otel", error
+    ) from error
 
 from django_postgrespool import __version__
 from django_postgrespool.metrics import (

@@ -33,13 +33,21 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from django.http import HttpRequest, HttpResponse
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    REGISTRY,
-    CollectorRegistry,
-    generate_latest,
-    values,
-)
+
+from django_postgrespool.errors import missing_extra
+
+try:
+    from prometheus_client import (
+        CONTENT_TYPE_LATEST,
+        REGISTRY,
+        CollectorRegistry,
+        generate_latest,
+        values,
+    )
+except ImportError as error:  # the extra is not installed
+    raise missing_extra(
+        "The Prometheus exporter (django_postgrespool.metrics.prometheus)", "prometheus", error
+    ) from error
 from prometheus_client import multiprocess as _multiprocess
 from prometheus_client.core import (
     CounterMetricFamily,
