@@ -12,6 +12,7 @@ process and which server session answered.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -22,7 +23,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -161,6 +162,20 @@ def gunicorn(example_db: ExampleDatabase, tmp_path: Path, query: str, *args: str
     )
 
 
+@contextlib.contextmanager
+def served_until_stopped(
+    example_db: ExampleDatabase, tmp_path: Path, query: str, *args: str, **extra: str
+) -> Iterator[Served]:
+    """The example under gunicorn (see gunicorn()) for the block; then stopped, and every
+    session of its pools seen gone."""
+    served = gunicorn(example_db, tmp_path, query, *args, **extra)
+    try:
+        yield served
+    finally:
+        stop(served.process)
+    assert wait_until(lambda: example_db.sessions() == 0), app_backends(example_db)
+
+
 def get(base: str, path: str, timeout: float = 60) -> tuple[int, dict]:
     try:
         with urllib.request.urlopen(base + path, timeout=timeout) as response:
@@ -235,9 +250,10 @@ def test_preload_workers_never_share_a_session_with_the_master_or_each_other(
     args = ["--preload", "--workers", "2", "--worker-class", worker_class]
     if worker_class == "gthread":
         args += ["--threads", "4"]
-    served = gunicorn(example_db, tmp_path, "pool_size=2&max_overflow=1&timeout=30", *args,
-                      ADV_MASTER_TOUCH="1", ADV_MASTER_CLOSES="1" if master_closes else "0")
-    try:
+    with served_until_stopped(
+        example_db, tmp_path, "pool_size=2&max_overflow=1&timeout=30", *args,
+        ADV_MASTER_TOUCH="1", ADV_MASTER_CLOSES="1" if master_closes else "0",
+    ) as served:
         master_backend = int((tmp_path / "master_backend").read_text())
         results = load(served.base, "/adv/whoami?ms=20", 80, 8)
         assert [s for s, _ in results] == [200] * 80, served.output()[-3000:]
@@ -250,9 +266,6 @@ def test_preload_workers_never_share_a_session_with_the_master_or_each_other(
         # The master's own session survived its children (none closed it under it).
         assert master_backend in app_backends(example_db)
         assert len({w for _, body in results for w in [body["worker"]]}) <= 2
-    finally:
-        stop(served.process)
-    assert wait_until(lambda: example_db.sessions() == 0), app_backends(example_db)
     out = served.output()
     assert "Traceback" not in out, out[-3000:]
 
@@ -263,9 +276,10 @@ def test_preload_workers_never_share_a_session_with_the_master_or_each_other(
 def test_hup_reload_leaves_no_session_of_the_old_workers(
     example_db: ExampleDatabase, tmp_path: Path
 ) -> None:
-    served = gunicorn(example_db, tmp_path, "pool_size=2&max_overflow=1&timeout=30",
-                      "--workers", "2", "--worker-class", "gthread", "--threads", "4")
-    try:
+    with served_until_stopped(
+        example_db, tmp_path, "pool_size=2&max_overflow=1&timeout=30",
+        "--workers", "2", "--worker-class", "gthread", "--threads", "4",
+    ) as served:
         master = served.process.pid
         results = load(served.base, "/adv/whoami?ms=20", 60, 6)
         assert [s for s, _ in results] == [200] * 60
@@ -283,9 +297,6 @@ def test_hup_reload_leaves_no_session_of_the_old_workers(
         assert wait_until(lambda: not app_backends(example_db) & old_backends), (
             app_backends(example_db) & old_backends)
         assert default_sessions(example_db) <= 2 * (2 + 1)
-    finally:
-        stop(served.process)
-    assert wait_until(lambda: example_db.sessions() == 0), app_backends(example_db)
 
 
 # -- --max-requests: workers recycled under load -------------------------------------
@@ -295,11 +306,11 @@ def test_max_requests_recycling_keeps_sessions_within_the_cap(
     example_db: ExampleDatabase, tmp_path: Path
 ) -> None:
     workers, pool_size, overflow = 2, 2, 1
-    served = gunicorn(example_db, tmp_path,
-                      f"pool_size={pool_size}&max_overflow={overflow}&timeout=30",
-                      "--workers", str(workers), "--worker-class", "gthread", "--threads", "4",
-                      "--max-requests", "15", "--max-requests-jitter", "0")
-    try:
+    with served_until_stopped(
+        example_db, tmp_path, f"pool_size={pool_size}&max_overflow={overflow}&timeout=30",
+        "--workers", str(workers), "--worker-class", "gthread", "--threads", "4",
+        "--max-requests", "15", "--max-requests-jitter", "0",
+    ) as served:
         with Peak(example_db) as peak:
             results = load(served.base, "/adv/whoami?ms=10", 100, 6)
         statuses = [s for s, _ in results]
@@ -313,9 +324,6 @@ def test_max_requests_recycling_keeps_sessions_within_the_cap(
         assert peak.peak <= (workers + 1) * (pool_size + overflow)
         assert wait_until(lambda: default_sessions(example_db) <= workers * pool_size), (
             default_sessions(example_db))
-    finally:
-        stop(served.process)
-    assert wait_until(lambda: example_db.sessions() == 0), app_backends(example_db)
 
 
 # -- a worker SIGKILLed mid-request ----------------------------------------------------
@@ -324,9 +332,10 @@ def test_max_requests_recycling_keeps_sessions_within_the_cap(
 def test_sigkilled_worker_sessions_end_and_the_others_keep_serving(
     example_db: ExampleDatabase, tmp_path: Path
 ) -> None:
-    served = gunicorn(example_db, tmp_path, "pool_size=2&max_overflow=1&timeout=30",
-                      "--workers", "2", "--worker-class", "gthread", "--threads", "4")
-    try:
+    with served_until_stopped(
+        example_db, tmp_path, "pool_size=2&max_overflow=1&timeout=30",
+        "--workers", "2", "--worker-class", "gthread", "--threads", "4",
+    ) as served:
         master = served.process.pid
         owners: dict[int, set[int]] = {}
         for _, body in load(served.base, "/adv/whoami?ms=10", 40, 6):
@@ -353,9 +362,6 @@ def test_sigkilled_worker_sessions_end_and_the_others_keep_serving(
         assert busy
         assert victim not in worker_pids(master) and survivors
         assert default_sessions(example_db) <= 2 * (2 + 1)
-    finally:
-        stop(served.process)
-    assert wait_until(lambda: example_db.sessions() == 0), app_backends(example_db)
 
 
 # -- gthread: more threads than connections -------------------------------------------
