@@ -192,21 +192,19 @@ def _closing_once(cursor_class: Any) -> type:
             cursor_class.__init__(self, *args, **kwargs)
             self._closing = threading.Lock()
 
-        def close(self: Any) -> None:
-            if self._closing.acquire(False):
+        def close_within(self: Any, wait: float) -> None:
+            if self._closing.acquire(timeout=wait):  # 0: without waiting
                 try:
                     if not self.closed:
                         cursor_class.close(self)
                 finally:
                     self._closing.release()
 
+        def close(self: Any) -> None:
+            close_within(self, 0)
+
         def close_at_checkin(self: Any) -> None:
-            if self._closing.acquire(timeout=5.0):
-                try:
-                    if not self.closed:
-                        cursor_class.close(self)
-                finally:
-                    self._closing.release()
+            close_within(self, 5.0)
 
         made = _CLOSING_ONCE[cursor_class] = type(
             cursor_class.__name__,
