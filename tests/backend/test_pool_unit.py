@@ -31,8 +31,9 @@ class FakePGconn:
 
 
 class FakeCursor:
-    def __init__(self) -> None:
+    def __init__(self, conn: FakeConnection | None = None) -> None:
         self.closed = False
+        self.conn = conn
 
     def close(self) -> None:
         self.closed = True
@@ -40,6 +41,14 @@ class FakeCursor:
     def execute(self, sql: str) -> None:
         if self.closed:
             raise RuntimeError("cursor already closed")
+        if self.conn is not None:
+            # What the server sent unasked (an error before it hung up) is
+            # read as the answer: the round trip fails.
+            try:
+                unasked = self.conn._sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK)
+            except BlockingIOError:
+                return
+            raise OSError(f"the server sent {unasked!r} and closed the connection")
 
     def fetchone(self) -> tuple[bool]:
         return (True,)
@@ -64,8 +73,12 @@ class FakeConnection:
     def fileno(self) -> int:
         return self._sock.fileno()
 
+    @property
+    def info(self) -> FakePGconn:  # the ping reads info.transaction_status
+        return self.pgconn
+
     def cursor(self) -> FakeCursor:
-        return FakeCursor()
+        return FakeCursor(self)
 
     def rollback(self) -> None:
         self.pgconn.transaction_status = 0
@@ -812,3 +825,169 @@ def test_the_socket_check_sees_data_and_a_closed_peer_and_keeps_the_gil():
 )
 def test_a_farewell_is_the_last_notice_a_fatal_or_panic_one(notices, said):
     assert said_farewell(notices) is said
+
+
+# -- the health check's deadline (_PingWatch) ------------------------------------
+
+
+def _shut(sock: socket.socket) -> bool:
+    """Tell whether ``sock`` was shut down (reads the end of the stream) without blocking."""
+    try:
+        return sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+
+
+class SilentCursor(FakeCursor):
+    """A round trip whose answer never comes: waits on the socket, as a driver does."""
+
+    def __init__(self, conn: FakeConnection, hold: float | None) -> None:
+        super().__init__(conn)
+        self.conn: FakeConnection = conn
+        self.hold = hold
+
+    def execute(self, sql: str) -> None:
+        sock = self.conn._sock
+        if self.hold is None:
+            if sock.recv(1) == b"":  # blocks until the socket is shut down
+                raise OSError("server closed the connection unexpectedly")
+            return
+        time.sleep(self.hold)  # answered after `hold`, unless shut down meanwhile
+        if _shut(sock):
+            raise OSError("server closed the connection unexpectedly")
+
+
+class SilentConnection(FakeConnection):
+    hold: float | None = None  # None: never answers
+
+    def cursor(self) -> FakeCursor:
+        return SilentCursor(self, self.hold)
+
+
+def test_a_round_trip_never_answered_is_given_up_at_the_pools_timeout() -> None:
+    pool = make_pool(pool_size=1, max_overflow=1, pre_ping=True, timeout=0.3)
+    me = threading.current_thread()
+    first = pool.checkout(SilentConnection, None, me)
+    pool.checkin(first)
+    started = time.monotonic()
+    lease = pool.checkout(FakeConnection, first, me)  # pings `first`: no answer
+    took = time.monotonic() - started
+    assert lease is not first and first.state is GONE
+    assert 0.3 <= took < 2.0, took
+    assert first.raw.closed and not _shut(lease.raw._sock)
+    pool.checkin(lease)
+    stats = pool.stats()
+    assert stats["invalidated"] == 1 and stats["size"] == 1, stats
+    assert not pool_module._ping_watch._armed
+    assert_consistent(pool)
+
+
+def test_a_round_trip_answered_in_time_is_never_cut() -> None:
+    pool = make_pool(pool_size=1, max_overflow=0, pre_ping=True, timeout=1.0)
+    me = threading.current_thread()
+    SlowAnswer = type("SlowAnswer", (SilentConnection,), {"hold": 0.05})
+    lease = pool.checkout(SlowAnswer, None, me)
+    pool.checkin(lease)
+    for _ in range(5):
+        again = pool.checkout(SlowAnswer, lease, me)
+        assert again is lease and not _shut(lease.raw._sock)
+        pool.checkin(again)
+    assert pool.stats()["invalidated"] == 0
+    assert not pool_module._ping_watch._armed
+
+
+def test_a_round_trip_ending_at_its_deadline_never_lends_a_shut_socket() -> None:
+    # Answers come just before or just after the deadline, on 6 threads at
+    # once: whichever of the watch and the round trip ends first, a
+    # connection whose socket was shut down is never lent.
+    pool = make_pool(pool_size=4, max_overflow=2, pre_ping=True, timeout=0.004)
+    stop = time.monotonic() + 3.0
+    lent_shut: list[Lease] = []
+    counts = collections.Counter()
+
+    class Borderline(SilentConnection):
+        @property  # type: ignore[override]
+        def hold(self) -> float:
+            return random.uniform(0.002, 0.006)
+
+    def borrower() -> None:
+        me = threading.current_thread()
+        while time.monotonic() < stop:
+            try:
+                lease = pool.checkout(Borderline, None, me)
+            except (PoolTimeout, PoolError):
+                counts["timeout"] += 1
+                continue
+            counts[lease.source] += 1
+            if _shut(lease.raw._sock):
+                lent_shut.append(lease)
+            pool.checkin(lease)
+
+    threads = [threading.Thread(target=borrower) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads)
+    stats = pool.stats()
+    print(f"pings at their deadline: {dict(counts)}, invalidated {stats['invalidated']}")
+    assert not lent_shut
+    assert stats["invalidated"] > 20 and counts["idle"] + counts["affinity"] > 20  # both ways ran
+    assert not pool_module._ping_watch._armed
+    assert_consistent(pool)
+
+
+def test_the_watch_runs_in_a_forked_child() -> None:
+    # The parent's watch thread does not exist in a child: the child's first
+    # round trip starts one of its own.
+    pool = make_pool(pool_size=1, max_overflow=1, pre_ping=True, timeout=0.2)
+    me = threading.current_thread()
+    warm = pool.checkout(FakeConnection, None, me)
+    pool.checkin(warm)
+    pool.checkout(FakeConnection, warm, me)  # a ping in the parent: its watch runs
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            child = make_pool(pool_size=1, max_overflow=1, pre_ping=True, timeout=0.2)
+            first = child.checkout(SilentConnection, None, threading.current_thread())
+            child.checkin(first)
+            started = time.monotonic()
+            lease = child.checkout(FakeConnection, first, threading.current_thread())
+            code = 0 if lease is not first and time.monotonic() - started < 2 else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize("room", [True, False])
+def test_one_unanswered_round_trip_is_all_a_checkout_waits_for(
+    monkeypatch: pytest.MonkeyPatch, room: bool
+) -> None:
+    # Three idle connections to a server that stopped answering: pinging each
+    # in turn would cost three timeouts. After the first, the checkout opens
+    # a new connection; if it may not (others took the room meanwhile: made
+    # so here), it raises at once, saying why.
+    pool = make_pool(pool_size=3, max_overflow=0, pre_ping=True, timeout=0.3)
+    me = threading.current_thread()
+    silent = [pool.checkout(SilentConnection, None, me) for _ in range(3)]
+    for lease in silent:
+        pool.checkin(lease)
+    if not room:
+        monkeypatch.setattr(pool, "_has_room", lambda: False)
+    started = time.monotonic()
+    if room:
+        lease = pool.checkout(FakeConnection, silent[0], me)
+        assert lease.source == "new" and type(lease.raw) is FakeConnection
+        pool.checkin(lease)
+    else:
+        with pytest.raises(PoolTimeout) as raised:
+            pool.checkout(FakeConnection, silent[0], me)
+        cause = raised.value.__cause__
+        assert isinstance(cause, PoolError) and "got no answer within 0.3s" in str(cause)
+    took = time.monotonic() - started
+    assert 0.3 <= took < 0.55, took  # one timeout, not three
+    assert pool.stats()["invalidated"] == 1
+    assert [lease.state for lease in silent] == [GONE, IDLE, IDLE]
+    assert not pool_module._ping_watch._armed

@@ -38,7 +38,7 @@ def ids(messages: list[checks.CheckMessage]) -> list[str]:
 
 def test_every_check_is_registered_with_django() -> None:
     registered = checks.registry.registry.get_checks()
-    assert len(pool_checks._CHECKS) == 6
+    assert len(pool_checks._CHECKS) == 7
     for check, tags in pool_checks._CHECKS:
         assert check in registered
         assert set(tags) <= set(check.tags)  # type: ignore[attr-defined]
@@ -55,6 +55,30 @@ def test_original_readme_pool_args_exceed_heroku_limit_with_two_workers(monkeypa
             id="postgrespool.E001",
         )
     ]
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction", "statement", None])
+@override_settings(DATABASE_POOL_ARGS={"max_overflow": 10, "pool_size": 5}, POSTGRESPOOL_MAX_CONNECTIONS=20)
+def test_an_alias_behind_pgbouncer_is_left_out_of_the_servers_budget(monkeypatch, mode) -> None:
+    # Its connections are PgBouncer's clients; None declares a proxy that is
+    # not PgBouncer: still counted.
+    monkeypatch.setenv("WEB_CONCURRENCY", "2")
+    with override_settings(POSTGRESPOOL_PGBOUNCER={"default": mode}):
+        found = ids(pool_checks.check_budget_against_setting())
+    assert found == ([] if mode else ["postgrespool.E001"])
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction", "statement", None])
+def test_assume_role_is_flagged_behind_a_transaction_mode_pgbouncer_only(pooled_alias, mode):
+    alias, _ = pooled_alias("roled", options={"assume_role": "someone"})
+    with override_settings(POSTGRESPOOL_PGBOUNCER={alias: mode}):
+        found = pool_checks.check_role_behind_pgbouncer()
+    if mode in ("transaction", "statement"):
+        [warning] = found
+        assert warning.id == "postgrespool.W005" and repr(alias) in warning.msg
+        assert f"{mode} mode" in warning.msg and "USER" in warning.hint
+    else:
+        assert found == []
 
 
 @override_settings(DATABASE_POOL_ARGS={"max_overflow": 10, "pool_size": 5}, POSTGRESPOOL_MAX_CONNECTIONS=20)

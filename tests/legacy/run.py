@@ -54,7 +54,7 @@ REQUIREMENTS = [
     # The last SQLAlchemy series that runs on Python 2.7.
     "SQLAlchemy>=1.4,<1.5",
 ]
-REQUIREMENTS_DJ14 = ["Django==1.4.22", *REQUIREMENTS[2:]]
+REQUIREMENTS_DJ14 = ["Django==1.4.22", *REQUIREMENTS[1:]]  # South too: south_probe.py
 PATHS = [ROOT / "packages" / "backend" / "src", ROOT / "packages" / "south_adapter" / "src"]
 DATABASE = "postgrespool_legacy"
 VALID = "fair_after, leak_timeout, lease, max_idle, max_overflow, pool_size, pre_ping, recycle, reset, timeout, use_lifo"
@@ -513,6 +513,19 @@ def test_review_pool_options_not_a_dict_is_improperly_configured(lane: Lane) -> 
         ) in done.stderr, done.stderr
 
 
+def test_south_probe_migrate_backwards_fake_failure_dry_run_test_runner_two_aliases(
+        lane: Lane) -> None:
+    # tests/legacy/south_probe.py: each scenario's facts against its EXPECTED, on 1.6 and 1.4.
+    for python, version in ((lane.python, "1.6.11"), (lane.python_dj14, "1.4.22")):
+        done = subprocess.run(
+            [str(python), str(Path(__file__).resolve().parent / "south_probe.py"), str(lane.port),
+             "all"], env={**os.environ, "LEGACY_DB_PASSWORD": lane.password},
+            capture_output=True, text=True, timeout=300)
+        lane.outputs.append(done.stdout + done.stderr)
+        assert done.returncode == 0 and done.stdout.strip(), done.stdout + done.stderr
+        assert json.loads(done.stdout) == {"django": version, "mismatches": {}}, done.stdout
+
+
 def test_password_never_appears_in_any_output(lane: Lane) -> None:
     leaks = [out for out in lane.outputs if lane.password in out]
     assert not leaks, f"{len(leaks)} outputs show the password"
@@ -544,6 +557,7 @@ TESTS: list[Callable[[Lane], None]] = [
     test_review_keyboardinterrupt_in_checkin_or_checkout_leaves_nothing_dirty_or_held,
     test_review_a_password_in_name_or_dsn_is_in_no_stats_repr_or_frame_of_ours,
     test_review_pool_options_not_a_dict_is_improperly_configured,
+    test_south_probe_migrate_backwards_fake_failure_dry_run_test_runner_two_aliases,
     test_password_never_appears_in_any_output,
 ]
 

@@ -29,6 +29,7 @@ __all__ = [
     "check_conn_max_age",
     "check_declared_pgbouncer",
     "check_proxy_in_between",
+    "check_role_behind_pgbouncer",
     "check_south_settings",
     "pooled_aliases",
     "register_all",
@@ -115,7 +116,13 @@ def _budgets(errors: list[checks.CheckMessage]) -> dict[_Server, list[tuple[str,
     """Return, per server, the (alias, cap) of each pooled alias; add E005 for bad options."""
     servers: dict[_Server, list[tuple[str, int]]] = {}
     global_args = getattr(settings, "DATABASE_POOL_ARGS", None)
+    # Behind PgBouncer the pools' connections are PgBouncer's clients: the
+    # server only sees PgBouncer's own server pool (its max_client_conn and
+    # pool sizes are the limits, set on PgBouncer).
+    behind, _ = _declared()
     for alias, settings_dict in pooled_aliases():
+        if behind.get(alias) is not None:
+            continue
         try:
             options = resolve_pool_options(alias, settings_dict, global_args)
         except ImproperlyConfigured as error:
@@ -316,7 +323,7 @@ def check_conn_max_age(
     return messages
 
 
-# -- PgBouncer: E003, E004, W004 -------------------------------------------------
+# -- PgBouncer: E003, E004, W004, W005 ---------------------------------------------
 #
 # In transaction (or statement) pooling mode PgBouncer may run each transaction
 # on a different server session, so the server-side cursors Django uses for
@@ -385,6 +392,37 @@ def check_declared_pgbouncer(
                 )
             )
     return errors
+
+
+@_check()
+def check_role_behind_pgbouncer(
+    app_configs: Sequence[Any] | None = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """Warn about OPTIONS['assume_role'] behind a transaction-mode PgBouncer."""
+    declared, _ = _declared()  # errors are check_declared_pgbouncer's to report
+    messages: list[checks.CheckMessage] = []
+    for alias, settings_dict in pooled_aliases():
+        mode = declared.get(alias)
+        options = settings_dict.get("OPTIONS")
+        if mode not in ("transaction", "statement") or not isinstance(options, Mapping):
+            continue
+        if not options.get("assume_role"):
+            continue
+        messages.append(
+            checks.Warning(
+                f"Alias {alias!r} sets OPTIONS['assume_role'] and connects through PgBouncer "
+                f"in {mode} mode (POSTGRESPOOL_PGBOUNCER): Django runs SET ROLE once per "
+                f"connection, which lands on one of PgBouncer's server sessions. Other clients "
+                f"of PgBouncer then run as that role, and this alias's later transactions may "
+                f"run without it.",
+                hint=(
+                    f"Log in as the role instead (DATABASES[{alias!r}]['USER']), or connect "
+                    f"in session mode. " + see("pgbouncer")
+                ),
+                id="postgrespool.W005",
+            )
+        )
+    return messages
 
 
 def _server_port(alias: str) -> int | None:
@@ -456,6 +494,10 @@ SOUTH_SETTINGS = (
     "SOUTH_MIGRATION_MODULES",
     "SOUTH_TESTS_MIGRATE",
     "SKIP_SOUTH_TESTS",
+    "SOUTH_LOGGING_ON",
+    "SOUTH_LOGGING_FILE",
+    "SOUTH_USE_PYC",
+    "SOUTH_AUTO_FREEZE_APP",
 )
 
 

@@ -53,6 +53,7 @@ import operator
 import os
 import random
 import select
+import socket
 import threading
 import time
 import traceback
@@ -551,10 +552,17 @@ class ConnectionPool:
         # Bounded: a failed health check marks every older connection as
         # suspect, so each further round either verifies one or opens one.
         checking = False  # a health check runs: interrupted, its connection is closed
+        # A health check got no answer within the timeout (see _ping): the
+        # checkout's own timeout is over, and the idle connections may be as
+        # silent, each costing as much. A new connection, or PoolTimeout.
+        unanswered = False
         try:
             for _ in self._rounds:
                 if lease is None:
-                    lease, source = self._checkout_slow(open_connection, asked)
+                    if unanswered:
+                        lease, source = self._open_after_silence(open_connection), "new"
+                    else:
+                        lease, source = self._checkout_slow(open_connection, asked)
                     now = time.monotonic()
                 checking = source != "new"
                 problem = self._check(lease, now) if checking else None
@@ -587,8 +595,9 @@ class ConnectionPool:
                 else:
                     self._suspect_before = time.monotonic()
                     self._retire(lease, problem)
+                    unanswered = unanswered or problem is _NO_ANSWER
                 now = time.monotonic()
-                lease, source = self._take_idle(), "idle"
+                lease, source = (None, "new") if unanswered else (self._take_idle(), "idle")
         except BaseException:
             # A signal handler's exception (or a check's own): the caller
             # never has the connection this checkout claimed. Closed if its
@@ -660,6 +669,17 @@ class ConnectionPool:
             if lease is not None:
                 return lease, "handoff"
             # None: a connection closed meanwhile, there is room for a new one.
+
+    def _open_after_silence(self, open_connection: Callable[[], Any]) -> Lease:
+        """Open a connection once a health check went unanswered, or raise PoolTimeout."""
+        lease = self._open(open_connection) if self._has_room() else None
+        if lease is None:  # at the cap: others took the room the silent one left
+            self._timeouts += 1
+            raise self._timeout_error() from PoolError(
+                f"A health check of {self!r} got no answer within "
+                f"{self.options.timeout:g}s (the pool's timeout)."
+            )
+        return lease
 
     def _has_room(self) -> bool:
         return self._queue.checkedout() < self.options.max_connections
@@ -1010,22 +1030,35 @@ class ConnectionPool:
             readable = lease.poller or _poller(lease)
             if readable is not None and not readable():
                 return None
-        if self._ping(lease.raw):
+        problem = self._ping(lease.raw)
+        if problem is None:
             lease.verified = time.monotonic()
-            return None
-        return "it failed the health check at checkout"
+        return problem
 
-    def _ping(self, raw: Any) -> bool:
-        """Run one round trip on ``raw``; tell whether it worked (and found a primary)."""
+    def _ping(self, raw: Any) -> str | None:
+        """Run one round trip on ``raw``; tell why it failed (or found no primary), if it did.
+
+        Within the pool's ``timeout``: a server that stops answering but
+        keeps the connection open (frozen, or behind a network that drops
+        packets while the kernel still retries) would hold the checkout
+        until it answers. The watch shuts the socket down at the deadline,
+        which ends the driver's wait with an error (see _PingWatch).
+        """
+        problem: str | None = _PING_FAILED
         try:
+            _ping_watch.arm(raw, time.monotonic() + self.options.timeout)
             with raw.cursor() as cursor:
                 cursor.execute(self._ping_sql)
-                ok = bool(cursor.fetchone()[0])
+                if cursor.fetchone()[0]:
+                    problem = None
             if raw.info.transaction_status != _IDLE:
                 raw.rollback()
         except Exception:  # whatever the driver raises, the connection is unusable
-            return False
-        return ok
+            problem = _PING_FAILED
+        finally:
+            if not _ping_watch.disarm(raw):  # shut down at the deadline
+                problem = _NO_ANSWER
+        return problem
 
     # -- checkin ----------------------------------------------------------
 
@@ -1510,6 +1543,8 @@ class ConnectionPool:
 
 
 _TOO_OLD = "it is older than recycle"
+_PING_FAILED = "it failed the health check at checkout"
+_NO_ANSWER = "its health check got no answer within the pool's timeout"
 
 
 def _create(record: Any) -> Any:
@@ -1807,11 +1842,92 @@ class _Housekeeper:
 _housekeeper = _Housekeeper()
 
 
+class _PingWatch:
+    """Shut down the socket of a health check still unanswered at its deadline.
+
+    The drivers wait for a round trip's answer without a time limit (psycopg2
+    in C, on a blocking connection). Shutting the socket down from another
+    thread ends that wait at once: the driver reads the end of the stream and
+    raises, and the checkout closes the connection and goes on. One daemon
+    thread per process, started by the first health check with a round trip;
+    it sleeps until the soonest deadline, or until one is armed.
+    """
+
+    def __init__(self) -> None:
+        # raw connection -> its deadline. A round trip is made by the one
+        # checkout that holds the connection: one entry per connection.
+        self._armed: dict[Any, float] = {}
+        self._pid = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._wake_at = math.inf  # when the thread looks next
+
+    def arm(self, raw: Any, deadline: float) -> None:
+        start = False
+        with self._lock:
+            self._armed[raw] = deadline
+            if self._pid != os.getpid():  # none yet, or inherited through fork
+                self._pid = os.getpid()
+                self._wake = threading.Event()
+                start = True
+            elif deadline < self._wake_at:
+                self._wake.set()
+        if start:  # not under the lock: see _Housekeeper.watch
+            threading.Thread(
+                target=self._run, name="django_postgrespool ping watch", daemon=True
+            ).start()
+
+    def disarm(self, raw: Any) -> bool:
+        """Stop watching ``raw``; tell whether its round trip ended in time."""
+        with self._lock:
+            return self._armed.pop(raw, None) is not None
+
+    def _run(self) -> None:
+        pid = os.getpid()
+        while self._pid == pid:
+            with self._lock:
+                now = time.monotonic()
+                soonest = math.inf
+                for raw, deadline in list(self._armed.items()):
+                    if now < deadline:
+                        soonest = min(soonest, deadline)
+                        continue
+                    del self._armed[raw]  # disarm() now tells the checkout it was too late
+                    _shut_down(raw)
+                self._wake_at = soonest
+                wake = self._wake
+                wake.clear()  # under the lock: an arm() after this sets it
+            wake.wait(None if soonest == math.inf else soonest - now)
+
+
+def _shut_down(raw: Any) -> None:
+    """Shut down the socket of the driver connection ``raw``, leaving it open."""
+    # An entry left armed by a signal handler's exception in disarm()'s call
+    # belongs to a connection its checkout closed (an interrupted health
+    # check closes it): its descriptor may be another socket's now.
+    try:
+        if raw.closed:
+            return
+        sock = socket.socket(fileno=raw.fileno())
+    except Exception:  # no socket any more
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.detach()  # the driver's descriptor: not closed here
+
+
+_ping_watch = _PingWatch()
+
+
 def _forget_pools_in_child() -> None:
     global _doorbells
     # The parent's pools are abandoned in a forked child (see registry): never
     # sweep them, nor report their leaks, from the child's housekeeper.
     _housekeeper.__init__()  # type: ignore[misc]
+    _ping_watch.__init__()  # type: ignore[misc]
     # The forking thread's eventfd is shared with the parent: a bell of its own.
     _doorbells = _Doorbells()
 
