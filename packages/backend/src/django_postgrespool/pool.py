@@ -44,6 +44,7 @@ alive until this module closes it.
 
 from __future__ import annotations
 
+import _thread
 import bisect
 import ctypes
 import functools
@@ -54,6 +55,7 @@ import os
 import random
 import select
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -466,6 +468,9 @@ class ConnectionPool:
         # Connections opened before the last disconnect this pool saw get a
         # real ping at their next checkout (see _check).
         self._suspect_before = float("-inf")
+        # A health check got no answer (see _ping): connections idle since
+        # before it began are closed at their checkout, not pinged in turn.
+        self._silent_since = float("-inf")
 
         self._leases: set[Lease] = set()  # every open connection: idle, in use, reserved
         self._idle: dict[Lease, bool] = {}  # idle ones, oldest returned first
@@ -595,7 +600,9 @@ class ConnectionPool:
                 else:
                     self._suspect_before = time.monotonic()
                     self._retire(lease, problem)
-                    unanswered = unanswered or problem is _NO_ANSWER
+                    if problem is _NO_ANSWER:
+                        unanswered = True
+                        self._silent_since = max(self._silent_since, now)
                 now = time.monotonic()
                 lease, source = (None, "new") if unanswered else (self._take_idle(), "idle")
         except BaseException:
@@ -1019,6 +1026,11 @@ class ConnectionPool:
         """Tell why an idle ``lease`` must not be lent at ``now``, if it must not."""
         if now >= lease.expires:
             return _TOO_OLD
+        if lease.returned_at < self._silent_since:
+            # Idle since before the server stopped answering another of this
+            # pool's connections: as silent, most likely; each ping would
+            # cost the whole timeout.
+            return _SILENT
         mode = True if self._recheck else self._pre_ping
         if lease.verified < self._suspect_before:
             # Opened before a disconnect this pool saw: ping it once rather
@@ -1545,6 +1557,7 @@ class ConnectionPool:
 _TOO_OLD = "it is older than recycle"
 _PING_FAILED = "it failed the health check at checkout"
 _NO_ANSWER = "its health check got no answer within the pool's timeout"
+_SILENT = "it was idle when the server stopped answering another connection's health check"
 
 
 def _create(record: Any) -> Any:
@@ -1801,9 +1814,17 @@ class _Housekeeper:
             # the fork hook, before a gevent worker patches threading, it is
             # an OS lock: held by the greenlet that switched, the process
             # would block on it for good.
-            threading.Thread(
-                target=self._run, name="django_postgrespool housekeeper", daemon=True
-            ).start()
+            started = False
+            try:
+                threading.Thread(
+                    target=self._run, name="django_postgrespool housekeeper", daemon=True
+                ).start()
+                started = True
+            finally:
+                if not started:  # "can't start new thread": the next pool tries again
+                    with self._lock:
+                        if self._pid == os.getpid():
+                            self._pid = 0
 
     def _watched(self) -> list[ConnectionPool]:
         # A WeakSet may not change while it is iterated: watch() adds to it
@@ -1851,31 +1872,61 @@ class _PingWatch:
     raises, and the checkout closes the connection and goes on. One daemon
     thread per process, started by the first health check with a round trip;
     it sleeps until the soonest deadline, or until one is armed.
+
+    An OS thread with OS locks even where gevent patched threading: a
+    blocking driver (psycopg2 without psycogreen) holds the gevent hub for
+    the whole round trip, and a greenlet watch would never run.
     """
 
     def __init__(self) -> None:
+        _, allocate_lock = _os_threads()
         # raw connection -> its deadline. A round trip is made by the one
         # checkout that holds the connection: one entry per connection.
         self._armed: dict[Any, float] = {}
-        self._pid = 0
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
+        self._pid = 0  # the process whose thread runs (or is starting)
+        self._lock = allocate_lock()
+        # Held except while arm() wakes the sleeping thread (a lock, not an
+        # Event: gevent's would be a greenlet's).
+        self._bell = allocate_lock()
+        self._bell.acquire()
+        self._rung = True  # no ring until the thread sleeps
         self._wake_at = math.inf  # when the thread looks next
+        self._warned = False
 
     def arm(self, raw: Any, deadline: float) -> None:
-        start = False
         with self._lock:
             self._armed[raw] = deadline
-            if self._pid != os.getpid():  # none yet, or inherited through fork
+            start = self._pid != os.getpid()  # none yet, or inherited through fork
+            if start:
                 self._pid = os.getpid()
-                self._wake = threading.Event()
-                start = True
-            elif deadline < self._wake_at:
-                self._wake.set()
+            elif deadline < self._wake_at and not self._rung:
+                self._rung = True
+                self._bell.release()
         if start:  # not under the lock: see _Housekeeper.watch
-            threading.Thread(
-                target=self._run, name="django_postgrespool ping watch", daemon=True
-            ).start()
+            self._start()
+
+    def _start(self) -> None:
+        started = False
+        try:
+            start_new_thread, _ = _os_threads()
+            if start_new_thread is _thread.start_new_thread:
+                threading.Thread(target=self._run, name=_WATCH_NAME, daemon=True).start()
+            else:  # gevent patched threading
+                start_new_thread(self._run, ())
+            started = True
+        except Exception as error:  # "can't start new thread": a pids limit
+            if not self._warned:
+                self._warned = True
+                logger.warning(
+                    "The thread that gives up unanswered health checks could not start "
+                    "(%s): pre_ping round trips have no time limit until it can.",
+                    _first_line(error),
+                )
+        finally:
+            if not started:  # the next round trip tries again
+                with self._lock:
+                    if self._pid == os.getpid():
+                        self._pid = 0
 
     def disarm(self, raw: Any) -> bool:
         """Stop watching ``raw``; tell whether its round trip ended in time."""
@@ -1883,8 +1934,7 @@ class _PingWatch:
             return self._armed.pop(raw, None) is not None
 
     def _run(self) -> None:
-        pid = os.getpid()
-        while self._pid == pid:
+        while True:
             with self._lock:
                 now = time.monotonic()
                 soonest = math.inf
@@ -1895,9 +1945,27 @@ class _PingWatch:
                     del self._armed[raw]  # disarm() now tells the checkout it was too late
                     _shut_down(raw)
                 self._wake_at = soonest
-                wake = self._wake
-                wake.clear()  # under the lock: an arm() after this sets it
-            wake.wait(None if soonest == math.inf else soonest - now)
+                self._rung = False  # under the lock: an arm() after this rings
+            if soonest == math.inf:
+                rung = self._bell.acquire()
+            else:
+                rung = self._bell.acquire(True, max(0.0, soonest - now))
+            with self._lock:
+                if not rung and self._rung:
+                    # Rung as the time ran out: take the bell back (at once).
+                    self._bell.acquire()
+                self._rung = True  # the bell is held again: no ring until the next sleep
+
+
+def _os_threads() -> tuple[Callable[..., Any], Callable[[], Any]]:
+    """The OS's start_new_thread and allocate_lock, even where gevent patched them."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None:
+        return (
+            monkey.get_original("_thread", "start_new_thread"),
+            monkey.get_original("_thread", "allocate_lock"),
+        )
+    return _thread.start_new_thread, _thread.allocate_lock
 
 
 def _shut_down(raw: Any) -> None:
@@ -1908,9 +1976,13 @@ def _shut_down(raw: Any) -> None:
     try:
         if raw.closed:
             return
-        sock = socket.socket(fileno=raw.fileno())
+        fd = raw.fileno()
     except Exception:  # no socket any more
         return
+    if _libc_shutdown is not None:
+        _libc_shutdown(fd, socket.SHUT_RDWR)  # not gevent's socket, in this OS thread
+        return
+    sock = socket.socket(fileno=fd)  # pragma: no cover - no C library here
     try:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
@@ -1919,6 +1991,18 @@ def _shut_down(raw: Any) -> None:
         sock.detach()  # the driver's descriptor: not closed here
 
 
+def _libc_shutdown_function() -> Any:
+    try:
+        function = ctypes.CDLL(None).shutdown
+    except Exception:  # pragma: no cover - no C library with shutdown() here
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_int)
+    function.restype = ctypes.c_int
+    return function
+
+
+_libc_shutdown = _libc_shutdown_function()
+_WATCH_NAME = "django_postgrespool ping watch"
 _ping_watch = _PingWatch()
 
 
