@@ -96,6 +96,23 @@ def _release(lease: Any) -> None:
 # -- the watch thread never starting ---------------------------------------------------
 
 
+def _watch_start_fails(
+    monkeypatch: pytest.MonkeyPatch, error: BaseException | type[BaseException], times: int = -1
+) -> list[int]:
+    """Make the watch thread's start raise ``error`` (``times`` times, -1: always); count them."""
+    real_start = threading.Thread.start
+    failures = [0]
+
+    def start(self: threading.Thread) -> None:
+        if self.name == WATCH_NAME and failures[0] != times:
+            failures[0] += 1
+            raise error
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    return failures
+
+
 @pytest.mark.parametrize("failure", ["no thread", "signal"])
 def test_a_watch_thread_that_failed_to_start_is_started_by_the_next_ping(
     fresh_watch: _PingWatch, monkeypatch: pytest.MonkeyPatch, failure: str
@@ -106,18 +123,11 @@ def test_a_watch_thread_that_failed_to_start_is_started_by_the_next_ping(
     # the thread (threading.Event(), threading.Thread(): Python code, where a
     # handler runs): arm() has already recorded this process as watched. The
     # storm test below hits that window by itself now and then.
-    real_start = threading.Thread.start
-    failures = [0]
-
-    def start(self: threading.Thread) -> None:
-        if self.name == WATCH_NAME and not failures[0]:
-            failures[0] += 1
-            if failure == "signal":
-                raise _Interrupt
-            raise RuntimeError("can't start new thread")
-        real_start(self)
-
-    monkeypatch.setattr(threading.Thread, "start", start)
+    failures = _watch_start_fails(
+        monkeypatch,
+        _Interrupt if failure == "signal" else RuntimeError("can't start new thread"),
+        times=1,
+    )
     me = threading.current_thread()
     first = make_pool(pool_size=1, max_overflow=1, pre_ping=True, timeout=0.3)
     warm = first.checkout(FakeConnection, None, me)
@@ -146,14 +156,7 @@ def test_a_watch_that_cannot_start_never_retires_a_healthy_connection(
     fresh_watch: _PingWatch, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The deadline is the watch's business: its failure is not the connection's.
-    real_start = threading.Thread.start
-
-    def start(self: threading.Thread) -> None:
-        if self.name == WATCH_NAME:
-            raise RuntimeError("can't start new thread")
-        real_start(self)
-
-    monkeypatch.setattr(threading.Thread, "start", start)
+    _watch_start_fails(monkeypatch, RuntimeError("can't start new thread"))
     me = threading.current_thread()
     pool = make_pool(pool_size=1, max_overflow=1, pre_ping=True, timeout=5)
     lease = pool.checkout(FakeConnection, None, me)
@@ -182,9 +185,7 @@ def test_the_watch_sleeps_while_idle_and_while_a_distant_deadline_is_armed(
     pool.checkin(lease)
     earlier = {t for t in threading.enumerate() if t.name == WATCH_NAME}  # other tests' watches
     pool.checkin(pool.checkout(FakeConnection, lease, me))  # starts the watch
-    (watch,) = [
-        t for t in threading.enumerate() if t.name == WATCH_NAME and t not in earlier
-    ]
+    (watch,) = [t for t in threading.enumerate() if t.name == WATCH_NAME and t not in earlier]
     before = _cpu_ticks(watch.native_id)
     time.sleep(1.0)
     idle = _cpu_ticks(watch.native_id) - before

@@ -15,7 +15,6 @@ postgrespool.W005). The other tests guard what held.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 import pytest
@@ -28,7 +27,7 @@ from tests.reliability.load import Load, assert_only_database_errors, failures, 
 from tests.support.bouncer_faults import admin, clients, restart, wait_for
 from tests.support.db import connect
 from tests.support.pgbouncer import PgBouncer
-from tests.support.requests import open_idle, run_request
+from tests.support.requests import connection_held_elsewhere, open_idle, run_request
 from tests.support.settings import DATABASE
 
 pytestmark = pytest.mark.reliability
@@ -257,17 +256,7 @@ def test_max_client_conn_refusal_is_clear_waits_within_timeout_and_hides_the_pas
             others.pop().close()
             # The reconnect backoff after the refusal (0.1 s at first) is over.
             assert wait_until(lambda: pool_stats(alias)[0]["backoff_until"] is None, 5, 0.01)
-            holding, release = threading.Event(), threading.Event()
-
-            def hold(cursor):
-                cursor.execute("SELECT 1")
-                holding.set()
-                release.wait(10)
-
-            holder = threading.Thread(target=run_request, args=(alias, hold))
-            holder.start()
-            try:
-                assert holding.wait(10)
+            with connection_held_elsewhere(alias):
                 assert wait_for(lambda: clients(b, app) == 1, 5)
                 # Full again: two other clients and this one.
                 # One of its connections is lent: it waits for it, within timeout.
@@ -277,9 +266,6 @@ def test_max_client_conn_refusal_is_clear_waits_within_timeout_and_hides_the_pas
                 assert time.monotonic() - started < 2.5
                 assert "max_client_conn" in str(waited.value.__cause__)
                 texts += [str(waited.value), repr(waited.value.__cause__)]
-            finally:
-                release.set()
-                holder.join(10)
             (stats,) = pool_stats(alias)
             assert (stats["size"], stats["checked_out"]) == (1, 0), stats
             assert "max_client_conn" in stats["last_connect_error"]

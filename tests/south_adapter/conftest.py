@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,11 +18,15 @@ from tests.support.settings import unique_name
 PROJECT = Path(__file__).resolve().parent / "project"
 
 
-@pytest.fixture
-def project(server_url):
-    """Two fresh databases; return a function that runs manage.py on them."""
+@contextlib.contextmanager
+def two_databases(server_url: str, prefix: str, cwd: Path) -> Iterator[Any]:
+    """Two fresh databases for the sample project's aliases; yield a runner of Python in ``cwd``.
+
+    ``run(*args, **env)`` runs ``python *args`` with the project's settings pointing at them;
+    ``run.query(alias, sql)`` reads one of them; ``run.password`` is the password to look for.
+    """
     names = {
-        alias: unique_name(f"mig_{alias}").replace("-", "_") for alias in ("default", "second")
+        alias: unique_name(f"{prefix}_{alias}").replace("-", "_") for alias in ("default", "second")
     }
     admin = connect(server_url)
     with admin.cursor() as cur:
@@ -38,10 +45,10 @@ def project(server_url):
         "PYTHONDONTWRITEBYTECODE": "1",
     }
 
-    def manage(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+    def run(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "manage.py", *args],
-            cwd=PROJECT,
+            [sys.executable, *args],
+            cwd=cwd,
             env={**env, **extra},
             capture_output=True,
             text=True,
@@ -58,10 +65,25 @@ def project(server_url):
         finally:
             conn.close()
 
-    manage.query = query  # type: ignore[attr-defined]
-    manage.password = p["password"]  # type: ignore[attr-defined]
-    yield manage
-    with admin.cursor() as cur:
-        for name in names.values():
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.close()
+    run.query = query  # type: ignore[attr-defined]
+    run.password = p["password"]  # type: ignore[attr-defined]
+    try:
+        yield run
+    finally:
+        with admin.cursor() as cur:
+            for name in names.values():
+                cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture
+def project(server_url):
+    """Two fresh databases; return a function that runs manage.py on them."""
+    with two_databases(server_url, "mig", PROJECT) as run:
+
+        def manage(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+            return run("manage.py", *args, **extra)
+
+        manage.query = run.query  # type: ignore[attr-defined]
+        manage.password = run.password  # type: ignore[attr-defined]
+        yield manage

@@ -10,7 +10,6 @@ databases of the real server.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -22,10 +21,8 @@ import pytest
 from django.conf import settings
 from django_postgrespool.checks import check_south_settings
 
-from tests.support.db import connect, url_params
-from tests.support.settings import unique_name
+from tests.south_adapter.conftest import PROJECT, two_databases
 
-PROJECT = Path(__file__).resolve().parent / "project"
 PACKAGE = Path(__file__).resolve().parents[2] / "packages" / "south_adapter"
 
 # 0004 adds a column, writes a row, then fails: nothing of it may stay.
@@ -93,60 +90,16 @@ def copied(server_url, tmp_path):
     """A copy of the sample project on two fresh databases; returns its runner."""
     root = tmp_path / "project"
     shutil.copytree(PROJECT, root, ignore=shutil.ignore_patterns("__pycache__"))
-    names = {
-        alias: unique_name(f"adv_{alias}").replace("-", "_") for alias in ("default", "second")
-    }
-    admin = connect(server_url)
-    with admin.cursor() as cur:
-        for name in names.values():
-            cur.execute(f'CREATE DATABASE "{name}"')
-    p = url_params(server_url)
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "modern_project.settings",
-        "MODERN_DB_USER": p["user"],
-        "MODERN_DB_PASSWORD": p["password"],
-        "MODERN_DB_HOST": p["host"],
-        "MODERN_DB_PORT": str(p["port"]),
-        "MODERN_DB_DEFAULT": names["default"],
-        "MODERN_DB_SECOND": names["second"],
-        "PYTHONDONTWRITEBYTECODE": "1",
-    }
+    with two_databases(server_url, "adv", root) as run:
 
-    def run(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, *args],
-            cwd=root,
-            env={**env, **extra},
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        def after_migrate(alias: str, *target: str, **extra: str) -> dict:
+            done = run("-c", AFTER_MIGRATE, alias, *target, **extra)
+            assert done.returncode == 0, done.stdout + done.stderr
+            return json.loads(done.stdout.strip().splitlines()[-1])
 
-    def query(alias: str, sql: str) -> list[tuple]:
-        conn = connect(server_url, dbname=names[alias])
-        try:
-            with conn.cursor() as cur:
-                cur.execute(sql)
-                return list(cur.fetchall())
-        finally:
-            conn.close()
-
-    def after_migrate(alias: str, *target: str, **extra: str) -> dict:
-        done = run("-c", AFTER_MIGRATE, alias, *target, **extra)
-        assert done.returncode == 0, done.stdout + done.stderr
-        return json.loads(done.stdout.strip().splitlines()[-1])
-
-    run.root = root  # type: ignore[attr-defined]
-    run.query = query  # type: ignore[attr-defined]
-    run.after_migrate = after_migrate  # type: ignore[attr-defined]
-    run.password = p["password"]  # type: ignore[attr-defined]
-    yield run
-    with admin.cursor() as cur:
-        for name in names.values():
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.close()
+        run.root = root  # type: ignore[attr-defined]
+        run.after_migrate = after_migrate  # type: ignore[attr-defined]
+        yield run
 
 
 def _columns(project, alias: str) -> list[str]:
