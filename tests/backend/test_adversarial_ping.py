@@ -522,14 +522,7 @@ def test_a_frozen_backend_is_given_up_closed_and_its_descriptor_freed(
 def test_one_checkout_waits_one_timeout_however_many_idle_sessions_froze(
     frozen_alias, frozen, monitor
 ) -> None:
-    alias, app = frozen_alias(
-        "frozen3",
-        pool_options={"pool_size": 3, "max_overflow": 0, "pre_ping": True, "timeout": 1},
-        connect_timeout=3,
-    )
-    pids = _three_idle(alias, app)
-    for pid in pids:
-        _freeze(frozen, pid)
+    alias, pids = _three_frozen(frozen_alias, frozen, "frozen3", timeout=1)
     thread, outcome = _request_in_thread(alias)
     thread.join(8)
     assert not thread.is_alive()
@@ -538,16 +531,25 @@ def test_one_checkout_waits_one_timeout_however_many_idle_sessions_froze(
     assert 0.9 <= took < 2.5, took  # one timeout, not three
 
 
-def _three_idle(alias: str, app: str) -> list[int]:
+def _three_frozen(
+    frozen_alias: Any, frozen: Any, name: str, timeout: float
+) -> tuple[str, list[int]]:
+    """An alias of three pooled sessions, all idle and frozen; its name and their pids."""
+    alias, _ = frozen_alias(
+        name,
+        pool_options={"pool_size": 3, "max_overflow": 0, "pre_ping": True, "timeout": timeout},
+        connect_timeout=3,
+    )
     hold_at_once(alias, 3)
     pool = connections[alias]._current_pool()
     assert len(pool._idle) == 3, pool.stats()
-    pids = []
-    for lease in pool._idle:
-        pids.append(
-            lease.raw.info.backend_pid if DRIVER == "psycopg" else lease.raw.get_backend_pid()
-        )
-    return pids
+    pids = [
+        lease.raw.info.backend_pid if DRIVER == "psycopg" else lease.raw.get_backend_pid()
+        for lease in pool._idle
+    ]
+    for pid in pids:
+        _freeze(frozen, pid)
+    return alias, pids
 
 
 def test_silent_sessions_cost_one_timeout_not_one_per_request(frozen_alias, frozen) -> None:
@@ -558,14 +560,7 @@ def test_silent_sessions_cost_one_timeout_not_one_per_request(frozen_alias, froz
     # suspect, _suspect_before) and are as silent: pinging each again, for a
     # full timeout, on the next requests' time, is what the docs say the pool
     # avoids ("rather than pinging other idle connections that may be as silent").
-    alias, app = frozen_alias(
-        "silent3",
-        pool_options={"pool_size": 3, "max_overflow": 0, "pre_ping": True, "timeout": 1.5},
-        connect_timeout=3,
-    )
-    pids = _three_idle(alias, app)
-    for pid in pids:
-        _freeze(frozen, pid)
+    alias, pids = _three_frozen(frozen_alias, frozen, "silent3", timeout=1.5)
     took: list[float] = []
     for _ in range(3):
         thread, outcome = _request_in_thread(alias)
