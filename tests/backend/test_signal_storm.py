@@ -31,7 +31,7 @@ import pytest
 from django.db import connections
 from django_postgrespool import pool_stats, registry
 from django_postgrespool.options import PoolOptions
-from django_postgrespool.pool import GONE, IDLE, IN_USE, ConnectionPool
+from django_postgrespool.pool import GONE, IDLE, IN_USE, ConnectionPool, _Waiter
 
 from tests.backend.test_adversarial import (  # noqa: F401 (_fake_db_reset: an autouse fixture)
     TARGET,
@@ -119,7 +119,7 @@ def attempt(state: Storm, body: Callable[[], None]) -> bool:
 def lost(pool: ConnectionPool, held: dict[str, Any]) -> list[str]:
     """Connections nobody can give back: checked out but not held, idle outside the idle
     set, or retired with their slot still counted."""
-    mine = held.get("lease")
+    mine = held.get("lease", (None,))[0]
     return [
         repr(lease)
         for lease in list(pool._leases)
@@ -139,7 +139,11 @@ def test_a_signal_storm_on_one_thread_loses_no_connection(lifo: bool) -> None:
 
     def body() -> None:
         lease = pool.checkout(FakeConnection, last[0], me)
-        held["lease"] = lease  # as the wrapper's `self._lease = lease`: no call in between
+        # As the wrapper's `self._lease = lease`, no call in between; with the
+        # checkout's time, as the wrapper's `self._checkout`: a give-back with
+        # the lease's borrowed_at read later would give back its next
+        # borrower's checkout, lending it twice (that was this test's flake).
+        held["lease"] = lease, lease.borrowed_at
         last[0] = lease
         lease.raw.cursor().execute("SELECT 1")
         pool.checkin(lease, None, lease.borrowed_at)
@@ -152,9 +156,9 @@ def test_a_signal_storm_on_one_thread_loses_no_connection(lifo: bool) -> None:
             attempts += 1
             completed += attempt(state, body)
             state.armed = False
-            lease = held.pop("lease", None)
+            lease, borrowed_at = held.pop("lease", (None, None))
             if lease is not None:  # what the wrapper's next connect() does
-                pool.checkin(lease, None, lease.borrowed_at)
+                pool.checkin(lease, None, borrowed_at)
             gone = lost(pool, held)
             assert not gone, f"attempt {attempts}, {state.raised} raised: {gone}\n{state.where}"
     assert state.raised > 100 and completed > 100, (state.raised, completed)
@@ -192,7 +196,7 @@ def test_a_signal_storm_on_the_main_thread_while_others_wait(fair_after: float) 
 
     def body() -> None:
         lease = pool.checkout(FakeConnection, None, main)
-        held["lease"] = lease
+        held["lease"] = lease, lease.borrowed_at  # see the test above
         assert lease.raw.user is None, "lent to two borrowers"
         lease.raw.user = main
         lease.raw.user = None
@@ -208,16 +212,57 @@ def test_a_signal_storm_on_the_main_thread_while_others_wait(fair_after: float) 
             while time.monotonic() < deadline and not errors:
                 completed += attempt(state, body)
                 state.armed = False
-                lease = held.pop("lease", None)
+                lease, borrowed_at = held.pop("lease", (None, None))
                 if lease is not None:
-                    lease.raw.user = None
-                    pool.checkin(lease, None, lease.borrowed_at)
+                    if lease.raw.user is main:  # not another borrower's mark
+                        lease.raw.user = None
+                    pool.checkin(lease, None, borrowed_at)
     finally:
         stop.set()
         for thread in threads:
             thread.join(10)
     assert not errors, errors
     assert state.raised > 50 and cycles[0] > 100, (state.raised, completed, cycles)
+    assert_quiescent(pool)
+
+
+def test_a_checkin_interrupted_after_its_hand_off_leaves_the_next_borrower_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The storm above lost a connection once in CI (opened - closed one short
+    # of size): a checkin hands its connection to a waiter and rings it; the
+    # signal handler's exception comes in the ring, after the waiter has it
+    # (IN_USE, its own checkout). The checkin's clean-up took "IN_USE" for
+    # "never given back" and closed the connection under its new borrower,
+    # which then found it closed ("the connection to the server was lost"),
+    # and the pool counted it closed twice. Made certain here: the ring raises
+    # once the waiter holds the connection.
+    pool = make_pool(pool_size=1, max_overflow=0, timeout=5.0, fair_after=0)
+    first = pool.checkout(FakeConnection, None, None)
+    got: list[Any] = []
+    waiter = threading.Thread(target=lambda: got.append(pool.checkout(FakeConnection, None, None)))
+    waiter.start()
+    while not pool._waiters:
+        time.sleep(0.001)
+    real_wake = _Waiter.wake
+
+    def wake_then_interrupt(self: _Waiter) -> None:
+        real_wake(self)
+        deadline = time.monotonic() + 5
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.001)
+        raise _Interrupt
+
+    monkeypatch.setattr(_Waiter, "wake", wake_then_interrupt)
+    with pytest.raises(_Interrupt):
+        pool.checkin(first, None, first.borrowed_at)
+    monkeypatch.setattr(_Waiter, "wake", real_wake)
+    waiter.join(5)
+    (second,) = got
+    assert second is first and second.state is IN_USE
+    assert not second.raw.closed, "closed under its next borrower"
+    pool.checkin(second, None, second.borrowed_at)
+    assert pool.stats()["invalidated"] == 0
     assert_quiescent(pool)
 
 

@@ -541,7 +541,7 @@ class PooledDatabaseWrapperMixin:
             and self._lease is None
         ):
             self.connection = None
-            last.pool.checkin(last, None, last.borrowed_at)
+            last.pool.checkin(last, None, checkout[2])
 
     def _held_lease(self, *, giving_back: bool = False) -> Lease | None:
         """The lease this wrapper holds, or None if the pool took it back.

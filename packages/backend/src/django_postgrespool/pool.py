@@ -1085,13 +1085,17 @@ class ConnectionPool:
         """
         if not self._holds(lease, borrowed_at):
             return
+        mine = lease.borrowed_at  # this checkout's, from here on
         try:
             self._checkin(lease, now)
         except BaseException:
             # A signal handler's exception before the connection was reset and
             # given back (the reset's own is _reset_or_retire's): nobody else
-            # would give it back. Once given back it is not IN_USE any more.
-            if lease.state is IN_USE:
+            # would give it back. Once given back it may be IN_USE again, by
+            # a waiter it was handed to (woken by this very checkin when the
+            # exception came): that is the next checkout's, with its own
+            # borrowed_at (set before IN_USE), not to be closed under it.
+            if lease.state is IN_USE and lease.borrowed_at == mine:
                 self._retire(lease, "its checkin was interrupted", warn=False)
             raise
 
