@@ -1156,15 +1156,18 @@ class ConnectionPool:
             most -= 1
             try:
                 surplus = self._surplus(lease)
-            except BaseException:  # a signal handler's: put it back, or close it
-                if lease in self._leases:
-                    self._idle[lease] = True
-                else:
+                if surplus:
                     self._retire(lease, None, warn=False)
+            except BaseException:
+                # A signal handler's, before _retire had it (GONE): put it
+                # back, or, out of _leases already, close it; nobody else would.
+                if lease.state is not GONE:
+                    if lease in self._leases:
+                        self._idle[lease] = True
+                    else:
+                        self._retire(lease, None, warn=False)
                 raise
-            if surplus:
-                self._retire(lease, None, warn=False)
-            else:  # someone started waiting meanwhile
+            if not surplus:  # someone started waiting meanwhile
                 self._give_back(lease)
                 return
 
@@ -1392,6 +1395,17 @@ class ConnectionPool:
                     lease.fairy.invalidate()  # closes it; QueuePool frees the slot
                 except Exception:  # closing a broken connection may fail: it is gone anyway
                     pass
+                except BaseException:
+                    # A signal handler's exception as the call began: SQLAlchemy
+                    # has done nothing yet, and nobody else would close it.
+                    # (Inside SQLAlchemy's own bookkeeping it is not safe from
+                    # such an exception anyway; a second call then only warns.)
+                    if lease.fairy.dbapi_connection is not None:
+                        try:
+                            lease.fairy.invalidate()
+                        except Exception:
+                            pass
+                    raise
             finally:
                 self._closed += 1
                 try:
