@@ -53,6 +53,7 @@ from __future__ import annotations
 import dis
 import functools
 import linecache
+import os
 import queue
 import select
 import sys
@@ -63,6 +64,7 @@ from types import CodeType, FrameType
 from typing import Any
 
 import pytest
+from django_postgrespool import pool as pool_module
 from django_postgrespool.errors import PoolTimeout
 from django_postgrespool.pool import (
     GONE,
@@ -1016,3 +1018,124 @@ def test_an_interrupt_at_the_entry_of_sqlalchemys_invalidate_still_closes(
     assert lease.state is GONE and lease.raw.closed
     assert pool._queue.checkedout() == 0
     assert_quiescent(pool)
+
+
+def test_a_close_interrupted_as_it_closes_a_dead_threads_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # close() reclaims the connection of a thread that ended (RESERVED), then
+    # closes it: interrupted at _retire()'s entry, the connection stayed
+    # RESERVED and open for good (a second close() reclaims IN_USE ones only).
+    pool = make_pool(pool_size=2, max_overflow=0)
+    got: list[Lease] = []
+    holder = threading.Thread(
+        target=lambda: got.append(pool.checkout(FakeConnection, None, threading.current_thread()))
+    )
+    holder.start()
+    holder.join()
+    real = type(pool)._retire
+    calls = [0]
+
+    def retire(self: Any, *args: Any, **kwargs: Any) -> None:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise _Interrupt  # as a handler at the call's entry
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(pool), "_retire", retire)
+    with pytest.raises(_Interrupt):
+        pool.close()
+    monkeypatch.setattr(type(pool), "_retire", real)
+    pool.close()  # as the registry does with a pool whose close() was cut short
+    (lease,) = got
+    assert lease.state is GONE and lease.raw.closed
+    assert not pool._leases and not pool._idle
+
+
+# -- the threads started on demand ------------------------------------------------------
+
+
+def _until_true(condition: Callable[[], bool], timeout: float = 3.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_a_ping_watch_whose_start_was_cut_short_is_started_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # arm() decides to start the watch under its lock and starts it outside:
+    # a handler at the lock's release or at _start()'s entry cut that short
+    # where no `finally` of the start sees it. The process counted as
+    # watched for good: no later round trip had a time limit (this file, run
+    # before test_pool_unit.py in one process, made its never-answered ping
+    # wait for ever).
+    watch = pool_module._PingWatch()
+    monkeypatch.setattr(pool_module, "_ping_watch", watch)
+    monkeypatch.setattr(pool_module, "_START_AGAIN_AFTER", 0.05)
+    real_start = pool_module._PingWatch._start
+    calls = [0]
+
+    def start(self: Any) -> None:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise _Interrupt  # as a handler at the call's entry
+        real_start(self)
+
+    monkeypatch.setattr(pool_module._PingWatch, "_start", start)
+    first = FakeConnection()
+    with pytest.raises(_Interrupt):
+        watch.arm(first, time.monotonic() + 60)
+    assert watch.disarm(first)
+    time.sleep(0.1)
+    silent = FakeConnection()  # nobody answers: its deadline passes
+    watch.arm(silent, time.monotonic() + 0.05)
+    assert _until_true(lambda: silent not in watch._armed), "no watch gave the round trip up"
+    assert not watch.disarm(silent)  # too late: its checkout closes it
+
+
+def test_a_housekeeper_whose_start_was_cut_short_is_started_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The same for the housekeeper (max_idle, leak_timeout): watch() asked for
+    # the thread, and a handler's exception came before it was started.
+    keeper = pool_module._Housekeeper()
+    monkeypatch.setattr(pool_module, "_housekeeper", keeper)
+    monkeypatch.setattr(pool_module, "_START_AGAIN_AFTER", 0.05)
+    real = pool_module._Housekeeper._should_start
+    cut = [False]
+
+    def should_start(self: Any) -> bool:
+        asked = real(self)
+        if asked and not cut[0]:
+            cut[0] = True
+            raise _Interrupt  # as the lock is let go, before the start
+        return asked
+
+    monkeypatch.setattr(pool_module._Housekeeper, "_should_start", should_start)
+    with pytest.raises(_Interrupt):
+        make_pool(pool_size=1, max_overflow=1, max_idle=60.0)
+    assert keeper._pid == 0
+    time.sleep(0.1)
+    pool = make_pool(pool_size=1, max_overflow=1, max_idle=60.0)
+    assert _until_true(lambda: keeper._pid == os.getpid()), "the housekeeper never started"
+    pool.close()
+
+
+def test_a_second_thread_started_before_the_first_ran_ends_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A start thought cut short may have started its thread all the same (an
+    # exception as Thread.start() waited for it): asked again, a second one
+    # finds the first recorded and ends, rather than two watches sharing one bell.
+    watch = pool_module._PingWatch()
+    monkeypatch.setattr(pool_module, "_ping_watch", watch)
+    assert watch._runs_here()  # the first one, recorded
+    threads_before = threading.active_count()
+    second = threading.Thread(target=watch._run, daemon=True)
+    second.start()
+    second.join(2)
+    assert not second.is_alive() and threading.active_count() == threads_before

@@ -1477,7 +1477,13 @@ class ConnectionPool:
             lease = self._reclaim_dead()
             if lease is None:
                 break
-            self._retire(lease, None, warn=False)
+            try:
+                self._retire(lease, None, warn=False)
+            except BaseException:  # a signal handler's, before it was closed
+                if lease.state is RESERVED:  # idle: the next close() closes it
+                    lease.state = IDLE
+                    self._idle[lease] = True
+                raise
         while True:
             lease = self._take_idle()
             if lease is None:
@@ -1808,24 +1814,63 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-class _Housekeeper:
+_START_AGAIN_AFTER = 1.0  # seconds: a thread asked for this long ago and not running is asked again
+
+
+class _ThreadPerProcess:
+    """On-demand start of one daemon thread per process, whatever cuts a start short.
+
+    The starter asks under ``self._lock`` (:meth:`_should_start`) and starts
+    the thread outside it; the thread itself records that it runs
+    (:meth:`_runs_here`). A start cut short where it is seen ("can't start
+    new thread": a pids limit) is asked again by the next caller; one cut
+    short anywhere else (a signal handler's exception, at a call or as the
+    lock is let go) after _START_AGAIN_AFTER. A second thread, started while
+    the first had not recorded itself yet, finds it recorded and ends.
+    Inherited through fork, nothing runs: the child asks again.
+    """
+
+    _lock: Any
+
+    def _no_thread(self) -> None:
+        self._pid = 0  # the process whose thread runs (recorded by that thread)
+        self._asked = -math.inf  # when a start was last asked
+
+    def _should_start(self) -> bool:
+        """Under ``self._lock``: tell whether the caller starts the thread now."""
+        now = time.monotonic()
+        if self._pid == os.getpid() or now - self._asked < _START_AGAIN_AFTER:
+            return False
+        self._asked = now
+        return True
+
+    def _start_failed(self) -> None:
+        with self._lock:
+            self._asked = -math.inf  # the next caller tries again
+
+    def _runs_here(self) -> bool:
+        """In the new thread: record it, or tell it to end (another one runs)."""
+        with self._lock:
+            if self._pid == os.getpid():
+                return False
+            self._pid = os.getpid()
+            return True
+
+
+class _Housekeeper(_ThreadPerProcess):
     """One daemon thread per process for the pools with max_idle or leak_timeout."""
 
     def __init__(self) -> None:
         self._pools: weakref.WeakSet[ConnectionPool] = weakref.WeakSet()
-        self._pid = 0
+        self._no_thread()
         self._lock = threading.Lock()
         self._wake = threading.Event()  # a new pool: look at the intervals again
 
     def watch(self, pool: ConnectionPool) -> None:
-        start = False
         with self._lock:
             self._pools.add(pool)
             self._wake.set()
-            if self._pid != os.getpid():  # none yet, or inherited through fork
-                self._pid = os.getpid()
-                self._wake = threading.Event()
-                start = True
+            start = self._should_start()
         if start:
             # Not under the lock: under gevent, start() switches to the new
             # greenlet, whose first look at the pools takes the lock. Made in
@@ -1840,9 +1885,7 @@ class _Housekeeper:
                 started = True
             finally:
                 if not started:  # "can't start new thread": the next pool tries again
-                    with self._lock:
-                        if self._pid == os.getpid():
-                            self._pid = 0
+                    self._start_failed()
 
     def _watched(self) -> list[ConnectionPool]:
         # A WeakSet may not change while it is iterated: watch() adds to it
@@ -1851,8 +1894,12 @@ class _Housekeeper:
             return list(self._pools)
 
     def _run(self) -> None:
-        pid = os.getpid()
-        while self._pid == pid:
+        if not self._runs_here():
+            return
+        # Made by the thread: the one of __init__, made in the fork hook before
+        # a gevent worker patched threading, would block the hub in wait().
+        self._wake = threading.Event()
+        while True:
             wake = self._wake
             if wake.wait(self._interval(self._watched())):
                 wake.clear()
@@ -1881,7 +1928,7 @@ class _Housekeeper:
 _housekeeper = _Housekeeper()
 
 
-class _PingWatch:
+class _PingWatch(_ThreadPerProcess):
     """Shut down the socket of a health check still unanswered at its deadline.
 
     The drivers wait for a round trip's answer without a time limit (psycopg2
@@ -1901,7 +1948,7 @@ class _PingWatch:
         # raw connection -> its deadline. A round trip is made by the one
         # checkout that holds the connection: one entry per connection.
         self._armed: dict[Any, float] = {}
-        self._pid = 0  # the process whose thread runs (or is starting)
+        self._no_thread()
         self._lock = allocate_lock()
         # Held except while arm() wakes the sleeping thread (a lock, not an
         # Event: gevent's would be a greenlet's).
@@ -1914,10 +1961,8 @@ class _PingWatch:
     def arm(self, raw: Any, deadline: float) -> None:
         with self._lock:
             self._armed[raw] = deadline
-            start = self._pid != os.getpid()  # none yet, or inherited through fork
-            if start:
-                self._pid = os.getpid()
-            elif deadline < self._wake_at and not self._rung:
+            start = self._should_start()
+            if not start and deadline < self._wake_at and not self._rung:
                 self._rung = True
                 self._bell.release()
         if start:  # not under the lock: see _Housekeeper.watch
@@ -1942,9 +1987,7 @@ class _PingWatch:
                 )
         finally:
             if not started:  # the next round trip tries again
-                with self._lock:
-                    if self._pid == os.getpid():
-                        self._pid = 0
+                self._start_failed()
 
     def disarm(self, raw: Any) -> bool:
         """Stop watching ``raw``; tell whether its round trip ended in time."""
@@ -1952,6 +1995,8 @@ class _PingWatch:
             return self._armed.pop(raw, None) is not None
 
     def _run(self) -> None:
+        if not self._runs_here():
+            return
         while True:
             with self._lock:
                 now = time.monotonic()
