@@ -1471,27 +1471,18 @@ class ConnectionPool:
         """Close the idle connections; checked-out ones are closed at checkin."""
         self.closed = True
         self.retired = retired
-        # Connections of borrowers that ended without giving them back: a
-        # closed pool has no next checkout to reclaim them.
         while True:
-            lease = self._reclaim_dead()
+            # Connections of borrowers that ended without giving them back
+            # first (a closed pool has no next checkout to reclaim them), then
+            # the idle ones.
+            lease = self._reclaim_dead() or self._take_idle()
             if lease is None:
                 break
             try:
                 self._retire(lease, None, warn=False)
             except BaseException:  # a signal handler's, before it was closed
-                if lease.state is RESERVED:  # idle: the next close() closes it
+                if lease.state is not GONE:  # idle (reclaimed too): the next close() closes it
                     lease.state = IDLE
-                    self._idle[lease] = True
-                raise
-        while True:
-            lease = self._take_idle()
-            if lease is None:
-                break
-            try:
-                self._retire(lease, None, warn=False)
-            except BaseException:  # a signal handler's, before it was closed
-                if lease.state is IDLE:
                     self._idle[lease] = True
                 raise
         self._queue.dispose()
