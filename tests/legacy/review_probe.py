@@ -384,9 +384,28 @@ def password_in_name():
     return report
 
 
+def hand_begin():
+    """A transaction begun by hand ("BEGIN" as a statement) must not reach the next borrower.
+
+    On Django 1.6 the connection is in autocommit mode, where psycopg2's
+    rollback() sends nothing (it goes by its own idea of the connection).
+    """
+    cursor = connection.cursor()
+    cursor.execute("BEGIN")  # Django 1.4: psycopg2 began one already (a warning)
+    cursor.execute("SET LOCAL application_name = 'begun by hand'")  # until the transaction ends
+    cursor.execute("SELECT pg_backend_pid()")
+    pid = cursor.fetchone()[0]
+    connection.close()
+    cursor = connection.cursor()
+    cursor.execute("SELECT current_setting('application_name'), pg_backend_pid()")
+    name, next_pid = cursor.fetchone()
+    connection.close()
+    return {"same_session": pid == next_pid, "no_transaction_left": name != "begun by hand"}
+
+
 SCENARIOS = dict((f.__name__, f) for f in (
     thread_end, dropped_wrapper, stale_cursor, session_state, receiver_error, fork,
-    fork_reused_descriptor, interrupt, password_in_name))
+    fork_reused_descriptor, interrupt, password_in_name, hand_begin))
 
 if __name__ == "__main__":
     result = SCENARIOS[SCENARIO]()

@@ -495,6 +495,13 @@ def test_review_keyboardinterrupt_in_checkin_or_checkout_leaves_nothing_dirty_or
         assert (report["held_by_next"], report["held_at_end"]) == (1, 0), report
 
 
+def test_review_a_transaction_begun_by_hand_is_rolled_back_at_checkin(lane: Lane) -> None:
+    # psycopg2's rollback() does nothing in autocommit mode (Django 1.6's):
+    # the next borrower ran inside the transaction, its writes never committed.
+    for report in review(lane, "hand_begin"):
+        assert report == {**report, "same_session": True, "no_transaction_left": True}, report
+
+
 def test_review_a_password_in_name_or_dsn_is_in_no_stats_repr_or_frame_of_ours(
         lane: Lane) -> None:
     for report in review(lane, "password_in_name"):
@@ -555,6 +562,7 @@ TESTS: list[Callable[[Lane], None]] = [
     test_review_a_failing_connection_created_receiver_gives_the_connection_back,
     test_review_a_fork_child_neither_uses_nor_ends_its_parents_sessions,
     test_review_keyboardinterrupt_in_checkin_or_checkout_leaves_nothing_dirty_or_held,
+    test_review_a_transaction_begun_by_hand_is_rolled_back_at_checkin,
     test_review_a_password_in_name_or_dsn_is_in_no_stats_repr_or_frame_of_ours,
     test_review_pool_options_not_a_dict_is_improperly_configured,
     test_south_probe_migrate_backwards_fake_failure_dry_run_test_runner_two_aliases,

@@ -329,7 +329,7 @@ class _Pool(object):
             return "the server ended its session"
         try:
             if status != _IDLE:
-                raw.rollback()
+                _rules.roll_back(raw, raw.get_transaction_status)
             # What the driver keeps and neither ROLLBACK nor DISCARD ALL resets
             # (Django sets the isolation level at each checkout itself).
             if getattr(raw, "readonly", None) is not None:

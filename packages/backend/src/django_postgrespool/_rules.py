@@ -368,6 +368,29 @@ def said_farewell(notices):
         return False
 
 
+# -- ending a transaction -------------------------------------------------------
+
+
+def roll_back(raw, status):
+    # type: (Any, Callable[[], int]) -> None
+    """End any transaction on the session of ``raw``, as the server sees it.
+
+    ``status()`` reads libpq's transaction status (0: idle). psycopg2's
+    rollback() goes by its own idea of the connection: in autocommit mode it
+    sends nothing, so a transaction begun by hand (``cursor.execute("BEGIN")``)
+    would stay open for the next borrower, who would run inside it, its
+    writes never committed. ROLLBACK is then sent as a statement (harmless
+    when nothing is open; psycopg 3 goes by the server's status already).
+    """
+    raw.rollback()
+    if status() != 0:
+        cursor = raw.cursor()
+        try:
+            cursor.execute("ROLLBACK")
+        finally:
+            cursor.close()
+
+
 # -- texts --------------------------------------------------------------------
 
 

@@ -588,7 +588,14 @@ class PooledDatabaseWrapperMixin:
                 lease.pool.checkin(lease, now, borrowed_at)
         except BaseException:
             # A signal handler's exception after this wrapper let go of the
-            # lease: the pool closes it unless it has it back already.
+            # lease: the pool closes it unless it has it back already, maybe
+            # lent on (handed to a waiting thread as the exception came). Let
+            # go of the session first: a query before the next request's
+            # start (an exception handler's, a logging handler's) would run
+            # on the next borrower's. Django's close() clears it too; the
+            # other callers of _close() do not reach their own clearing.
+            if not self.in_atomic_block:  # type: ignore[attr-defined]
+                self.connection = None
             lease.pool.discard(lease, "giving it back was interrupted", self._checkout[2])  # type: ignore[index]
             raise
         # Lent to the next borrower from now on (Django's close() clears it

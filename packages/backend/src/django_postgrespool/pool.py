@@ -68,7 +68,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import PoolProxiedConnection, QueuePool
 
 from django_postgrespool import metrics as _metrics
-from django_postgrespool._rules import FAREWELL, said_farewell
+from django_postgrespool._rules import FAREWELL, roll_back, said_farewell
 from django_postgrespool.errors import PoolError, PoolTimeout
 from django_postgrespool.options import PoolOptions
 
@@ -1335,13 +1335,13 @@ class ConnectionPool:
                 for cursor in cursors:
                     if not cursor.closed:
                         if status == _INERROR:
-                            raw.rollback()
+                            roll_back(raw, lease.status)
                         # psycopg2's server-side ones: waits for another
                         # thread's close of it to end (backend._closing_once).
                         getattr(cursor, "close_at_checkin", cursor.close)()
                         status = lease.status()
             if status != _IDLE:  # in a transaction, or a failed one
-                raw.rollback()
+                roll_back(raw, lease.status)
             # Kept on the driver's connection object, which neither ROLLBACK nor
             # DISCARD ALL touches: settings (read_only, isolation_level, the row
             # or cursor factory), handlers added, notifications and notices.
