@@ -64,6 +64,10 @@ from tests.backend.test_interrupt_points import Injector, _log
 from tests.backend.test_signal_storm import _Interrupt
 from tests.conftest import with_contextlib_suppress_delete
 
+# Heavy (hundreds of runs on PostgreSQL, 30-45 s a lane): with MATRIX=1, in
+# SERVER_LANES only (both drivers), as the tests with servers of their own.
+pytestmark = pytest.mark.servers
+
 MAX_POINTS = 3000  # injection points of one operation (bounds a failing run)
 MAX_FAILURES = 6  # points that lost something, reported together
 WAIT = 10.0  # seconds a helper thread may take for one job
