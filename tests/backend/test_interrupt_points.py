@@ -992,6 +992,21 @@ def test_an_interrupted_sweep_of_idle_connections(from_checkin: bool) -> None:
     assert any("_close_idle_surplus" in p for p in points)
 
 
+def _interrupt_first_call(monkeypatch: pytest.MonkeyPatch, owner: type, name: str) -> None:
+    """Make ``owner.name`` raise _Interrupt at its first call (a handler at the call's
+    entry, before it does anything), and behave at the next ones."""
+    real = getattr(owner, name)
+    calls = [0]
+
+    def patched(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise _Interrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(owner, name, patched)
+
+
 def test_an_interrupt_at_the_entry_of_sqlalchemys_invalidate_still_closes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -1001,20 +1016,9 @@ def test_an_interrupt_at_the_entry_of_sqlalchemys_invalidate_still_closes(
     # past its `except Exception`), and QueuePool counted the slot for ever.
     pool = make_pool(pool_size=1, max_overflow=0)
     lease = pool.checkout(FakeConnection, None, None)
-    fairy_type = type(lease.fairy)
-    real = fairy_type.invalidate
-    calls = [0]
-
-    def invalidate(self: Any, *args: Any, **kwargs: Any) -> None:
-        calls[0] += 1
-        if calls[0] == 1:
-            raise _Interrupt  # as a handler at the call's entry
-        real(self, *args, **kwargs)
-
-    monkeypatch.setattr(fairy_type, "invalidate", invalidate)
+    _interrupt_first_call(monkeypatch, type(lease.fairy), "invalidate")
     with pytest.raises(_Interrupt):
         pool.discard(lease, "a test", lease.borrowed_at)
-    monkeypatch.setattr(fairy_type, "invalidate", real)
     assert lease.state is GONE and lease.raw.closed
     assert pool._queue.checkedout() == 0
     assert_quiescent(pool)
@@ -1033,19 +1037,9 @@ def test_a_close_interrupted_as_it_closes_a_dead_threads_connection(
     )
     holder.start()
     holder.join()
-    real = type(pool)._retire
-    calls = [0]
-
-    def retire(self: Any, *args: Any, **kwargs: Any) -> None:
-        calls[0] += 1
-        if calls[0] == 1:
-            raise _Interrupt  # as a handler at the call's entry
-        real(self, *args, **kwargs)
-
-    monkeypatch.setattr(type(pool), "_retire", retire)
+    _interrupt_first_call(monkeypatch, type(pool), "_retire")
     with pytest.raises(_Interrupt):
         pool.close()
-    monkeypatch.setattr(type(pool), "_retire", real)
     pool.close()  # as the registry does with a pool whose close() was cut short
     (lease,) = got
     assert lease.state is GONE and lease.raw.closed
@@ -1076,16 +1070,7 @@ def test_a_ping_watch_whose_start_was_cut_short_is_started_again(
     watch = pool_module._PingWatch()
     monkeypatch.setattr(pool_module, "_ping_watch", watch)
     monkeypatch.setattr(pool_module, "_START_AGAIN_AFTER", 0.05)
-    real_start = pool_module._PingWatch._start
-    calls = [0]
-
-    def start(self: Any) -> None:
-        calls[0] += 1
-        if calls[0] == 1:
-            raise _Interrupt  # as a handler at the call's entry
-        real_start(self)
-
-    monkeypatch.setattr(pool_module._PingWatch, "_start", start)
+    _interrupt_first_call(monkeypatch, pool_module._PingWatch, "_start")
     first = FakeConnection()
     with pytest.raises(_Interrupt):
         watch.arm(first, time.monotonic() + 60)
