@@ -1829,8 +1829,10 @@ class _ThreadPerProcess:
 
     def _should_start(self) -> bool:
         """Under ``self._lock``: tell whether the caller starts the thread now."""
+        if self._pid == os.getpid():  # each round trip asks: one compare when it runs
+            return False
         now = time.monotonic()
-        if self._pid == os.getpid() or now - self._asked < _START_AGAIN_AFTER:
+        if now - self._asked < _START_AGAIN_AFTER:
             return False
         self._asked = now
         return True
