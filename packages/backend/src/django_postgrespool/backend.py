@@ -184,13 +184,19 @@ def _closing_once(cursor_class: Any) -> type:
     lock: without waiting (a finalizer may be the caller: if another thread
     is closing it, that one does), except at checkin (close_at_checkin()),
     which waits for such a close to end before the connection is lent again.
+
+    A re-entrant lock: a signal handler's exception just after the lock was
+    taken (before the ``try`` that releases it) leaves it held by that
+    thread, whose own checkin must still close the cursor, not wait for
+    itself. Held by a thread that has ended, checkin's wait times out and
+    the pool closes the connection rather than lend it with the cursor open.
     """
     made = _CLOSING_ONCE.get(cursor_class)
     if made is None:
 
         def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
             cursor_class.__init__(self, *args, **kwargs)
-            self._closing = threading.Lock()
+            self._closing = threading.RLock()
 
         def close_within(self: Any, wait: float) -> None:
             if self._closing.acquire(timeout=wait):  # 0: without waiting

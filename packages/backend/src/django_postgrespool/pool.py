@@ -1339,6 +1339,11 @@ class ConnectionPool:
                         # psycopg2's server-side ones: waits for another
                         # thread's close of it to end (backend._closing_once).
                         getattr(cursor, "close_at_checkin", cursor.close)()
+                        if not cursor.closed:
+                            # That close never ended (its thread interrupted
+                            # as it began): a cursor WITH HOLD would outlive
+                            # the rollback on the next borrower's session.
+                            return "a server-side cursor on it could not be closed"
                         status = lease.status()
             if status != _IDLE:  # in a transaction, or a failed one
                 roll_back(raw, lease.status)
