@@ -61,6 +61,7 @@ transaction blocks" and the thread is stuck the same way.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import os
@@ -689,9 +690,7 @@ def _open_cursors(alias: str) -> Callable[[], int]:
 
 
 @pytest.mark.skipif(not _PSYCOPG2, reason="psycopg2's server-side cursors only")
-def test_a_server_side_cursor_close_interrupted_after_taking_its_lock(
-    aliases: Any, rows: str
-) -> None:
+def test_a_server_side_cursor_close_interrupted_after_taking_its_lock(aliases: Any) -> None:
     # QuerySet.iterator() in autocommit mode (lease 'request', pool_size 1):
     # psycopg2's named cursor, DECLAREd WITH HOLD, read in part; its close()
     # (the iterator's end, a generator's finalizer) is interrupted by a signal
@@ -703,15 +702,7 @@ def test_a_server_side_cursor_close_interrupted_after_taking_its_lock(
     # open: the next borrower (another thread here) got a session with the
     # interrupted request's cursor (its materialized rows, its name). The
     # lock is re-entrant now: this thread's own checkin closes it at once.
-    (alias, app), _ = aliases()
-    run = Run(alias, app)
-    other = Other(alias, "next borrower")
-    try:
-        conn = run.conn
-        _start(conn)
-        cursor = conn.chunked_cursor()
-        cursor.execute("SELECT generate_series(1, 20)")
-        cursor.fetchmany(7)
+    with _cursor_read_in_part(aliases) as (conn, cursor, next_borrower_cursors):
         injector = DjangoInjector(0, _closing_point())
         _, error = injector.run(cursor.close)
         assert isinstance(error, _Interrupt), (error, injector.keys)
@@ -719,46 +710,44 @@ def test_a_server_side_cursor_close_interrupted_after_taking_its_lock(
         close_old_connections()  # the request's end: checkin
         assert time.monotonic() - started < 4.0, "checkin waited for its own thread's lock"
         assert conn._lease is None
-        assert other.call(_open_cursors(alias)) == 0, "the next borrower's session has a cursor"
-    finally:
-        other.stop()
-        run.close()
+        assert next_borrower_cursors() == 0, "the next borrower's session has a cursor"
 
 
 @pytest.mark.skipif(not _PSYCOPG2, reason="psycopg2's server-side cursors only")
 def test_a_server_side_cursor_whose_close_never_ended_closes_its_connection(
-    aliases: Any, rows: str
+    aliases: Any,
 ) -> None:
     # The same close interrupted on another thread that then ended (a
     # generator abandoned by an async view, finalized on the event loop's
     # thread): the cursor's lock is held for good. Checkin waits for it (5 s),
     # cannot close the cursor, and must not lend the session with it open:
     # the connection is closed (the pool opens another).
-    (alias, app), _ = aliases()
-    run = Run(alias, app)
-    other = Other(alias, "next borrower")
-    try:
-        conn = run.conn
-        _start(conn)
+    with _cursor_read_in_part(aliases) as (conn, cursor, next_borrower_cursors):
         pool = conn._lease.pool
         closed_before = pool.stats()["closed"]
-        cursor = conn.chunked_cursor()
-        cursor.execute("SELECT generate_series(1, 20)")
-        cursor.fetchmany(7)
         ended = threading.Thread(target=cursor._closing.acquire)
         ended.start()
         ended.join(10)
         close_old_connections()  # the request's end: checkin
         assert pool.stats()["closed"] == closed_before + 1, "its connection was kept"
-        assert other.call(_open_cursors(alias)) == 0, "the next borrower's session has a cursor"
-    finally:
-        other.stop()
-        run.close()
+        assert next_borrower_cursors() == 0, "the next borrower's session has a cursor"
 
 
 def test_a_server_side_cursor_left_open_is_closed_before_the_next_borrower(aliases: Any) -> None:
     # The control for the test above (both drivers): no interrupt, the cursor
     # read in part and left open at the request's end: checkin closes it.
+    with _cursor_read_in_part(aliases) as (_, _, next_borrower_cursors):
+        close_old_connections()  # the request's end: checkin
+        assert next_borrower_cursors() == 0
+
+
+@contextlib.contextmanager
+def _cursor_read_in_part(aliases: Any) -> Iterator[tuple[Any, Any, Callable[[], int]]]:
+    """A request's server-side cursor (QuerySet.iterator()'s), read in part.
+
+    Yields the wrapper, the cursor, and a function counting the cursors open
+    on the session another thread's request gets next (pool_size 1: this one).
+    """
     (alias, app), _ = aliases()
     run = Run(alias, app)
     other = Other(alias, "next borrower")
@@ -768,8 +757,7 @@ def test_a_server_side_cursor_left_open_is_closed_before_the_next_borrower(alias
         cursor = conn.chunked_cursor()
         cursor.execute("SELECT generate_series(1, 20)")
         cursor.fetchmany(7)
-        close_old_connections()  # the request's end: checkin
-        assert other.call(_open_cursors(alias)) == 0
+        yield conn, cursor, lambda: other.call(_open_cursors(alias))
     finally:
         other.stop()
         run.close()
