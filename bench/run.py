@@ -379,6 +379,9 @@ class Bench:
         ]
         env = self.env(alt, driver, fleet=True)
         cmds = [self.app_side(cmd)] * FLEET_WORKERS
+        if a.pin_workers:  # each process on one CPU: its threads never pass the GIL between CPUs
+            cpus = sorted(self.split[1] if self.split else os.sched_getaffinity(0))
+            cmds = [["taskset", "-c", str(cpus[i % len(cpus)]), *cmd] for i in range(FLEET_WORKERS)]
         if a.profile:
             # py-spy's collapsed stacks of the first process (see bench/profile.py).
             a.out.mkdir(parents=True, exist_ok=True)
@@ -641,6 +644,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="results folder (default bench/results)")
     p.add_argument("--split-cpus", action="store_true",
                    help="the fleet with PostgreSQL and PgBouncer on one CPU, Django and wrk on the others")
+    p.add_argument("--pin-workers", action="store_true",
+                   help="F-one: each worker process on one CPU (round robin), every alternative alike")
     p.add_argument("--profile", action="store_true",
                    help="record each in-process cell with py-spy into the results folder")
     p.add_argument("--in-venv", action="store_true", help=argparse.SUPPRESS)
@@ -868,6 +873,7 @@ def measure(args: argparse.Namespace) -> int:
         "rounds": args.rounds,
         "fleet_rounds": args.fleet_rounds,
         "split_cpus": args.split_cpus,
+        "pin_workers": args.pin_workers,
         "warmup_s": args.warmup,
         "duration_s": args.duration,
         "pool_cap": POOL_CAP,

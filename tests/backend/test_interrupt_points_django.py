@@ -89,7 +89,7 @@ from tests.conftest import with_contextlib_suppress_delete
 # Heavy (hundreds of runs on PostgreSQL): with the tests with servers of their own.
 pytestmark = pytest.mark.servers
 
-RUNS = 110  # runs of one operation at most (beyond: transaction.py, base.py, and a sample)
+RUNS = 75  # runs of one operation at most (beyond: transaction.py, base.py, and a sample)
 MAX_FAILURES = 6  # reported together
 
 _DJANGO_DB = f"{os.sep}django{os.sep}db{os.sep}"

@@ -125,7 +125,7 @@ def test_hand_off_to_a_waiter_that_gives_up_at_that_moment_is_never_lost(
     # stay IN_USE for ever (and the pool would shrink by one each time).
     # With fair_after, waiters also wake up to take connections left idle.
     pool = make_pool(pool_size=2, timeout=0.002, fair_after=fair_after)
-    stop = time.monotonic() + 3.0
+    stop = time.monotonic() + 2.0
     counts = {"ok": 0, "timeout": 0}
     lock = threading.Lock()
 
