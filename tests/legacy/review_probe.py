@@ -9,8 +9,10 @@ made deterministic with events and a one-connection pool, not with sleeps.
 import gc
 import json
 import os
+import signal
 import sys
 import threading
+import time
 import urllib
 
 from django.conf import settings
@@ -22,7 +24,8 @@ POOL = {"pool_size": 1, "max_overflow": 0, "timeout": 5}
 # the first one can still check out another. interrupt, dropped_wrapper: DISCARD ALL,
 # so that a temporary table left over tells a session that was not reset.
 POOL_OF_SCENARIO = {"stale_cursor": {"pool_size": 2, "use_lifo": True},
-                    "interrupt": {"reset": "discard"}, "dropped_wrapper": {"reset": "discard"}}
+                    "interrupt": {"reset": "discard"}, "dropped_wrapper": {"reset": "discard"},
+                    "silent_server": {"pre_ping": True, "timeout": 1}}
 settings.configure(
     DEBUG=False,
     USE_TZ=True,
@@ -403,9 +406,32 @@ def hand_begin():
     return {"same_session": pid == next_pid, "no_transaction_left": name != "begun by hand"}
 
 
+def silent_server():
+    """A health check's round trip to a backend that stops answering ends at the pool's timeout."""
+    pid = one("SELECT pg_backend_pid()")
+    connection.close()  # idle in the pool, pinged at the next checkout
+    os.kill(pid, signal.SIGSTOP)  # the connection stays open; nothing answers
+    thaw = threading.Timer(15, os.kill, (pid, signal.SIGCONT))  # whatever happens below
+    thaw.start()
+    started = time.time()
+    try:
+        next_pid = one("SELECT pg_backend_pid()")
+        error = None
+    except Exception as failure:
+        next_pid, error = None, "%s: %s" % (type(failure).__name__, failure)
+    finally:
+        waited = time.time() - started
+        os.kill(pid, signal.SIGCONT)
+        thaw.cancel()
+    connection.close()
+    stats = pool_stats("default")[0]
+    return {"waited": round(waited, 2), "error": error, "new_session": next_pid not in (None, pid),
+            "checked_out": stats["checked_out"]}
+
+
 SCENARIOS = dict((f.__name__, f) for f in (
     thread_end, dropped_wrapper, stale_cursor, session_state, receiver_error, fork,
-    fork_reused_descriptor, interrupt, password_in_name, hand_begin))
+    fork_reused_descriptor, interrupt, password_in_name, hand_begin, silent_server))
 
 if __name__ == "__main__":
     result = SCENARIOS[SCENARIO]()

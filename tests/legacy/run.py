@@ -495,6 +495,18 @@ def test_review_keyboardinterrupt_in_checkin_or_checkout_leaves_nothing_dirty_or
         assert (report["held_by_next"], report["held_at_end"]) == (1, 0), report
 
 
+def test_review_a_health_check_to_a_server_that_stops_answering_ends_at_the_timeout(
+        lane: Lane) -> None:
+    # The idle connection's backend is stopped (SIGSTOP): pre_ping's round trip
+    # waited for ever. Its socket is shut down at the pool's timeout (1 s), the
+    # connection closed, and the checkout opens another one.
+    for report in review(lane, "silent_server"):
+        assert report["error"] is None, report
+        assert report["new_session"] is True, report
+        assert 0.9 <= report["waited"] < 5, report
+        assert report["checked_out"] == 0, report
+
+
 def test_review_a_transaction_begun_by_hand_is_rolled_back_at_checkin(lane: Lane) -> None:
     # psycopg2's rollback() does nothing in autocommit mode (Django 1.6's):
     # the next borrower ran inside the transaction, its writes never committed.
@@ -563,6 +575,7 @@ TESTS: list[Callable[[Lane], None]] = [
     test_review_a_fork_child_neither_uses_nor_ends_its_parents_sessions,
     test_review_keyboardinterrupt_in_checkin_or_checkout_leaves_nothing_dirty_or_held,
     test_review_a_transaction_begun_by_hand_is_rolled_back_at_checkin,
+    test_review_a_health_check_to_a_server_that_stops_answering_ends_at_the_timeout,
     test_review_a_password_in_name_or_dsn_is_in_no_stats_repr_or_frame_of_ours,
     test_review_pool_options_not_a_dict_is_improperly_configured,
     test_south_probe_migrate_backwards_fake_failure_dry_run_test_runner_two_aliases,

@@ -25,6 +25,7 @@ import fcntl
 import logging
 import os
 import select
+import socket
 import thread
 import threading
 import time
@@ -157,6 +158,83 @@ def _neutralize(raw, identity):
     return True
 
 
+class _PingWatch(object):
+    """Shut down the socket of a health check still unanswered at its deadline.
+
+    psycopg2 waits for an answer without a time limit; a server that stops
+    answering but keeps the connection open would hold the checkout for
+    ever. Shutting the socket down from another thread ends that wait at
+    once with an error, and the checkout closes the connection. One daemon
+    thread per process (see _ping_watch), started by the first round trip.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._armed = {}  # raw connection -> its deadline (time.time())
+        self._thread = None
+
+    def arm(self, raw, deadline):
+        with self._cond:
+            self._armed[raw] = deadline
+            self._cond.notify()
+            start = self._thread is None
+            if start:
+                self._thread = threading.Thread(target=self._run,
+                                                name="django_postgrespool ping watch")
+                self._thread.daemon = True
+        if start:
+            try:
+                self._thread.start()
+            except Exception:  # "can't start new thread": the next round trip tries again
+                self._thread = None
+
+    def disarm(self, raw):
+        """Stop watching ``raw``; tell whether its round trip ended in time."""
+        with self._cond:
+            return self._armed.pop(raw, None) is not None
+
+    def _run(self):
+        with self._cond:
+            while True:
+                now = time.time()
+                soonest = None
+                for raw, deadline in list(self._armed.items()):
+                    if now >= deadline:
+                        del self._armed[raw]  # disarm() now tells the checkout it was too late
+                        _shut_down(raw)
+                    elif soonest is None or deadline < soonest:
+                        soonest = deadline
+                self._cond.wait(None if soonest is None else soonest - now)
+
+
+_watches = {}  # pid -> its _PingWatch: a fork child never uses its parent's lock
+
+
+def _ping_watch():
+    pid = os.getpid()
+    watch = _watches.get(pid)
+    if watch is None:
+        watch = _watches.setdefault(pid, _PingWatch())  # one per process (atomic)
+    return watch
+
+
+def _shut_down(raw):
+    """Shut down the socket of the driver connection ``raw``, leaving it open."""
+    try:
+        if raw.closed:
+            return
+        fd = raw.fileno()
+        sock = socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM)  # a duplicate
+    except Exception:  # no socket any more
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)  # the socket both descriptors share
+    except Exception:
+        pass
+    finally:
+        sock.close()  # the duplicate only
+
+
 def _clear(items):
     try:
         del items[:]
@@ -253,15 +331,27 @@ class _Pool(object):
             poller.register(raw.fileno(), select.POLLIN | select.POLLPRI)
             if not poller.poll(0):
                 return True
+        timeout = self.options["timeout"]
+        watch = _ping_watch()
+        watch.arm(raw, time.time() + timeout)
+        answered = False
         try:
             cursor = raw.cursor()
             cursor.execute("SELECT 1")
             cursor.close()
             if raw.get_transaction_status() != _IDLE:
                 raw.rollback()
+            answered = True
         except Exception:  # whatever the driver raises, it is unusable
-            return False
-        return True
+            pass
+        finally:
+            if not watch.disarm(raw):  # shut down at the deadline
+                answered = False
+                logger.warning(
+                    "A health check of a connection of database alias %r got no answer "
+                    "within %gs (the pool's timeout): its socket was shut down.",
+                    self.alias, timeout)
+        return answered
 
     def checkin(self, fairy, cursors=()):
         """Close ``cursors``, reset and return ``fairy``; discard it if the reset fails."""
