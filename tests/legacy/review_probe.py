@@ -25,7 +25,7 @@ POOL = {"pool_size": 1, "max_overflow": 0, "timeout": 5}
 # so that a temporary table left over tells a session that was not reset.
 POOL_OF_SCENARIO = {"stale_cursor": {"pool_size": 2, "use_lifo": True},
                     "interrupt": {"reset": "discard"}, "dropped_wrapper": {"reset": "discard"},
-                    "silent_server": {"pre_ping": True, "timeout": 1}}
+                    "silent_server": {"pre_ping": True, "timeout": 1, "pool_size": 3}}
 settings.configure(
     DEBUG=False,
     USE_TZ=True,
@@ -407,11 +407,31 @@ def hand_begin():
 
 
 def silent_server():
-    """A health check's round trip to a backend that stops answering ends at the pool's timeout."""
-    pid = one("SELECT pg_backend_pid()")
-    connection.close()  # idle in the pool, pinged at the next checkout
-    os.kill(pid, signal.SIGSTOP)  # the connection stays open; nothing answers
-    thaw = threading.Timer(15, os.kill, (pid, signal.SIGCONT))  # whatever happens below
+    """A health check's round trip to a backend that stops answering ends at the pool's timeout,
+    and the other connections idle since then are not pinged (each would cost the timeout)."""
+    pids, opened = [], threading.Event()
+
+    def hold():
+        pids.append(one("SELECT pg_backend_pid()"))
+        opened.wait(10)  # three connections at once
+        connection.close()  # idle in the pool, pinged at the next checkout
+
+    threads = [threading.Thread(target=hold) for _ in range(3)]
+    for t in threads:
+        t.start()
+    while len(pids) < 3 and all(t.is_alive() for t in threads):
+        time.sleep(0.01)
+    opened.set()
+    for t in threads:
+        t.join()
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)  # the connections stay open; nothing answers
+
+    def thaw_all():
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+    thaw = threading.Timer(15, thaw_all)  # whatever happens below
     thaw.start()
     started = time.time()
     try:
@@ -421,11 +441,12 @@ def silent_server():
         next_pid, error = None, "%s: %s" % (type(failure).__name__, failure)
     finally:
         waited = time.time() - started
-        os.kill(pid, signal.SIGCONT)
+        thaw_all()
         thaw.cancel()
     connection.close()
     stats = pool_stats("default")[0]
-    return {"waited": round(waited, 2), "error": error, "new_session": next_pid not in (None, pid),
+    return {"waited": round(waited, 2), "error": error, "idle": len(set(pids)),
+            "new_session": next_pid is not None and next_pid not in pids,
             "checked_out": stats["checked_out"]}
 
 

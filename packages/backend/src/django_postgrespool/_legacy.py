@@ -103,6 +103,7 @@ class PoolTimeout(_OperationalError):
 # libpq's PGTransactionStatusType (psycopg2.extensions.TRANSACTION_STATUS_*).
 _IDLE, _ACTIVE, _INTRANS, _INERROR, _UNKNOWN = range(5)
 _BORN = "django_postgrespool.born"
+_RETURNED = "django_postgrespool.returned"  # when checkin() last gave it back
 _DISCARDED = "django_postgrespool.discarded"
 # The driver's own state at connect (cursor_factory, notices, notifies), restored at checkin.
 _INITIAL = "django_postgrespool.initial"
@@ -262,6 +263,9 @@ class _Pool(object):
         # (device, inode): neutralized in a fork child.
         self._opened = weakref.WeakKeyDictionary()
         self._forgotten = False
+        # When a health check last got no answer: connections idle since
+        # before then are closed unpinged (each ping would cost the timeout).
+        self._silent_since = 0.0
         recycle = options["recycle"]
 
         def create(connection_record):
@@ -310,6 +314,11 @@ class _Pool(object):
                                   self.options["timeout"])
             try:
                 fresh = fairy.info.get(_BORN, 0) >= started
+                returned = fairy.info.get(_RETURNED, fairy.info.get(_BORN, 0))
+                if not fresh and returned < self._silent_since:
+                    self.discard(fairy, "it was idle since before the server stopped answering "
+                                 "a health check", warn=False)
+                    continue
                 if fresh or self._is_alive(_raw(fairy)):
                     self._counts["checkouts"] += 1
                     return fairy
@@ -333,7 +342,8 @@ class _Pool(object):
                 return True
         timeout = self.options["timeout"]
         watch = _ping_watch()
-        watch.arm(raw, time.time() + timeout)
+        pinged_at = time.time()
+        watch.arm(raw, pinged_at + timeout)
         answered = False
         try:
             cursor = raw.cursor()
@@ -347,6 +357,7 @@ class _Pool(object):
         finally:
             if not watch.disarm(raw):  # shut down at the deadline
                 answered = False
+                self._silent_since = max(self._silent_since, pinged_at)
                 logger.warning(
                     "A health check of a connection of database alias %r got no answer "
                     "within %gs (the pool's timeout): its socket was shut down.",
@@ -368,6 +379,7 @@ class _Pool(object):
             problem = "its pool was closed" if self.closed else self._reset(_raw(fairy), fairy.info)
             if problem is None:
                 fairy.info[_RESET] = True
+                fairy.info[_RETURNED] = time.time()
                 fairy.close()
             else:
                 self.discard(fairy, problem, warn=not self.closed)
