@@ -82,6 +82,7 @@ from tests.backend.test_interrupt_points_wrapper import (
     Run,
     WrapperInjector,
     _ours,
+    marker_table,
 )
 from tests.backend.test_signal_storm import _Interrupt
 from tests.conftest import with_contextlib_suppress_delete
@@ -408,16 +409,7 @@ def aliases(pooled_alias: Any) -> Callable[..., tuple[tuple[str, str], tuple[str
 
 @pytest.fixture
 def rows(pooled_alias: Any) -> Iterator[str]:
-    alias, _ = pooled_alias("djtables")
-    name = f"interrupt_dj_{int(time.time() * 1000) % 10**9}_{threading.get_ident() % 1000}"
-    with connections[alias].cursor() as cursor:
-        cursor.execute(f"CREATE TABLE {name} (marker integer)")
-    try:
-        yield name
-    finally:
-        with connections[alias].cursor() as cursor:
-            cursor.execute(f"DROP TABLE {name}")
-        connections[alias].close()
+    yield from marker_table(pooled_alias, "djtables", "interrupt_dj")
 
 
 # -- the operations ------------------------------------------------------------------------

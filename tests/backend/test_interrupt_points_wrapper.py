@@ -725,10 +725,10 @@ def test_an_interrupted_recovery_of_a_dropped_lease(db: Any, how: str, waiting: 
 # -- close() inside atomic ----------------------------------------------------------------
 
 
-@pytest.fixture
-def table(pooled_alias: Any) -> Iterator[str]:
-    alias, _ = pooled_alias("tables")
-    name = f"interrupt_rows_{int(time.time() * 1000) % 10**9}"
+def marker_table(pooled_alias: Any, alias_name: str, prefix: str) -> Iterator[str]:
+    """A table of one integer column, made and dropped through an alias of its own."""
+    alias, _ = pooled_alias(alias_name)
+    name = f"{prefix}_{int(time.time() * 1000) % 10**9}_{threading.get_ident() % 1000}"
     with connections[alias].cursor() as cursor:
         cursor.execute(f"CREATE TABLE {name} (marker integer)")
     try:
@@ -737,6 +737,11 @@ def table(pooled_alias: Any) -> Iterator[str]:
         with connections[alias].cursor() as cursor:
             cursor.execute(f"DROP TABLE {name}")
         connections[alias].close()
+
+
+@pytest.fixture
+def table(pooled_alias: Any) -> Iterator[str]:
+    yield from marker_table(pooled_alias, "tables", "interrupt_rows")
 
 
 def test_an_interrupted_close_inside_an_atomic_block(db: Any, table: str) -> None:
