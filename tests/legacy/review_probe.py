@@ -15,7 +15,7 @@ import threading
 import time
 import urllib
 
-from django.conf import settings
+from probe_tools import configure, interrupt_at
 
 PORT, DATABASE, SCENARIO = sys.argv[1], sys.argv[2], sys.argv[3]
 PASSWORD = os.environ["LEGACY_DB_PASSWORD"]
@@ -26,23 +26,8 @@ POOL = {"pool_size": 1, "max_overflow": 0, "timeout": 5}
 POOL_OF_SCENARIO = {"stale_cursor": {"pool_size": 2, "use_lifo": True},
                     "interrupt": {"reset": "discard"}, "dropped_wrapper": {"reset": "discard"},
                     "silent_server": {"pre_ping": True, "timeout": 1, "pool_size": 3}}
-settings.configure(
-    DEBUG=False,
-    USE_TZ=True,
-    TIME_ZONE="UTC",
-    DATABASES={
-        "default": {
-            "ENGINE": "django_postgrespool",
-            "NAME": DATABASE,
-            "USER": "postgres",
-            "PASSWORD": PASSWORD,
-            "HOST": "127.0.0.1",
-            "PORT": PORT,
-            "OPTIONS": {"application_name": "legacy-review"},
-            "POOL_OPTIONS": dict(POOL, **POOL_OF_SCENARIO.get(SCENARIO, {})),
-        }
-    },
-)
+configure("127.0.0.1", PORT, DATABASE, "legacy-review",
+          dict(POOL, **POOL_OF_SCENARIO.get(SCENARIO, {})))
 
 import django  # noqa: E402
 from django.db import connection, connections, transaction  # noqa: E402
@@ -74,26 +59,6 @@ def commit():
 
 def checked_out(alias="default"):
     return pool_stats(alias)[0]["checked_out"]
-
-
-def interrupt_at(marker):
-    """Raise KeyboardInterrupt at the next line of _legacy.py that contains ``marker``."""
-    source = _legacy.__file__.rsplit(".", 1)[0] + ".py"
-    with open(source) as f:
-        lines = set(n for n, text in enumerate(f, 1) if marker in text)
-    assert lines, marker
-    suffix = os.path.join("django_postgrespool", "_legacy.py")
-
-    def local(frame, event, arg):
-        if event == "line" and frame.f_lineno in lines:
-            sys.settrace(None)
-            raise KeyboardInterrupt("interrupted at %r" % marker)
-        return local
-
-    def calls(frame, event, arg):
-        return local if frame.f_code.co_filename.endswith(suffix) else None
-
-    sys.settrace(calls)
 
 
 # -- the scenarios ----------------------------------------------------------------

@@ -135,6 +135,7 @@ class Lane:
         shutil.copytree(SAMPLE, self.project)
         self.outputs: list[str] = []
         self._probe: dict[str, object] | None = None
+        self.socket_dir: Path | None = None  # the server's unix socket, when the lane started it
 
     def probe(self) -> dict[str, object]:
         """Return the report of the sample's pool_probe command (run once)."""
@@ -614,11 +615,15 @@ def main(argv: list[str]) -> int:
         cluster.start()
         host, port, password = cluster.host, cluster.port, PASSWORD
     lane = Lane(python, python_dj14, host, port, password)
+    lane.socket_dir = cluster.socket_dir if cluster is not None else None
     passed = failed = 0
     try:
         lane.sql(f'DROP DATABASE IF EXISTS "{DATABASE}"', database="postgres")
         lane.sql(f'CREATE DATABASE "{DATABASE}"', database="postgres")
-        for test in TESTS:
+        # The review of the ping watch (tests/legacy/test_watch_review.py).
+        from tests.legacy.test_watch_review import TESTS as WATCH_TESTS
+
+        for test in TESTS + WATCH_TESTS:
             if args.k not in test.__name__:
                 continue
             began = time.monotonic()

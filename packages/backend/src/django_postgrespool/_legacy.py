@@ -165,47 +165,73 @@ class _PingWatch(object):
     psycopg2 waits for an answer without a time limit; a server that stops
     answering but keeps the connection open would hold the checkout for
     ever. Shutting the socket down from another thread ends that wait at
-    once with an error, and the checkout closes the connection. One daemon
-    thread per process (see _ping_watch), started by the first round trip.
+    once with an error, and the checkout closes the connection. One thread
+    per process (see _ping_watch), started by the first round trip.
+
+    A thread of the ``thread`` module that sleeps in C (poll() on a pipe
+    that arm() writes to), not threading's Condition: Python 2.7's timed
+    wait polls in Python, and a thread running Python code as the
+    interpreter exits (module globals set to None) prints tracebacks.
     """
 
     def __init__(self):
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = thread.allocate_lock()
         self._armed = {}  # raw connection -> its deadline (time.time())
-        self._thread = None
+        self._wake, self._bell = os.pipe()  # arm() writes a byte to ring
+        for fd in (self._wake, self._bell):
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+        self._running = False  # set by the thread itself: a start cut short is tried again
 
     def arm(self, raw, deadline):
-        with self._cond:
+        with self._lock:
             self._armed[raw] = deadline
-            self._cond.notify()
-            start = self._thread is None
-            if start:
-                self._thread = threading.Thread(target=self._run,
-                                                name="django_postgrespool ping watch")
-                self._thread.daemon = True
+            start = not self._running
         if start:
             try:
-                self._thread.start()
+                thread.start_new_thread(self._run, ())
             except Exception:  # "can't start new thread": the next round trip tries again
-                self._thread = None
+                pass
+        else:
+            try:
+                os.write(self._bell, b"!")
+            except OSError:  # full: rung already
+                pass
 
     def disarm(self, raw):
         """Stop watching ``raw``; tell whether its round trip ended in time."""
-        with self._cond:
+        with self._lock:
             return self._armed.pop(raw, None) is not None
 
-    def _run(self):
-        with self._cond:
+    def _run(self, now=time.time, read=os.read):
+        # Locals only from here (bound above): at the interpreter's exit the
+        # module's globals become None, and any error then ends the thread
+        # silently (a bare except: not even a builtin name is looked up).
+        try:
+            with self._lock:
+                if self._running:  # another one started meanwhile
+                    return
+                self._running = True
+            shut_down = _shut_down
+            poller = select.poll()  # not select(): descriptors above 1023 work too
+            poller.register(self._wake, select.POLLIN)
+            wait = poller.poll
             while True:
-                now = time.time()
-                soonest = None
-                for raw, deadline in list(self._armed.items()):
-                    if now >= deadline:
-                        del self._armed[raw]  # disarm() now tells the checkout it was too late
-                        _shut_down(raw)
-                    elif soonest is None or deadline < soonest:
-                        soonest = deadline
-                self._cond.wait(None if soonest is None else soonest - now)
+                with self._lock:
+                    at = now()
+                    soonest = None
+                    for raw, deadline in list(self._armed.items()):
+                        if at >= deadline:
+                            del self._armed[raw]  # disarm() now tells the checkout it was too late
+                            shut_down(raw)
+                        elif soonest is None or deadline < soonest:
+                            soonest = deadline
+                wait(None if soonest is None else max(0.0, soonest - at) * 1000.0)
+                try:
+                    read(self._wake, 512)
+                except OSError:  # not rung: the time ran out
+                    pass
+        except:  # noqa: E722 - see above
+            return
 
 
 _watches = {}  # pid -> its _PingWatch: a fork child never uses its parent's lock
@@ -402,6 +428,8 @@ class _Pool(object):
         if problem is not None:
             self._counts["invalidated"] += 1
             record.invalidate()
+        else:
+            record.info[_RETURNED] = time.time()  # given back now, as by checkin()
 
     def forked(self):
         """Tell whether this is a fork child of the pool's process (then forget() first)."""
