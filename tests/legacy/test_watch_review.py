@@ -193,6 +193,17 @@ def test_a_connection_collected_after_the_silence_is_pinged_not_discarded(
         assert report["x"] in report["seen"], report
 
 
+def test_a_signal_storm_while_the_watch_sleeps_leaves_it_watching(lane: Lane) -> None:
+    # A signal the kernel hands to the watch's thread interrupts its poll();
+    # Python 2.7 raises select.error (EINTR), which ended the thread for good.
+    for report in watch(lane, "signal_storm"):
+        assert report["sent"] > 1000, report
+        assert report["error"] is None and report["new_session"] is True, report
+        assert 0.9 <= report["first_waited"] < 1.9, report
+        assert 0.9 <= report["waited"] < 1.9, report
+        assert report["checked_out"] == 0, report
+
+
 TESTS = [
     test_unix_socket_ping_to_a_stopped_backend_ends_at_the_timeout,
     test_keyboardinterrupt_between_arm_and_disarm_leaves_nothing_armed_or_held,
@@ -203,4 +214,5 @@ TESTS = [
     test_exit_while_a_ping_is_armed_prints_no_watch_thread_traceback,
     test_silent_since_keeps_connections_opened_or_returned_after_the_silence,
     test_a_connection_collected_after_the_silence_is_pinged_not_discarded,
+    test_a_signal_storm_while_the_watch_sleeps_leaves_it_watching,
 ]

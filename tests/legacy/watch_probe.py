@@ -379,9 +379,38 @@ def collected_after_silence():
     return report
 
 
+def signal_storm():
+    """Signals to the process while the watch sleeps: one delivered to its thread
+    interrupts its poll() (EINTR), which Python 2.7 raises; the watch must live on."""
+    signal.signal(signal.SIGUSR1, lambda number, frame: None)
+    one("SELECT 1")
+    connection.close()
+    report = silent_checkout()  # the watch runs, asleep with nothing armed
+    me, sent = os.getpid(), [0]
+    done = threading.Event()
+
+    def storm():
+        while not done.is_set():
+            os.kill(me, signal.SIGUSR1)
+            sent[0] += 1
+
+    senders = [threading.Thread(target=storm) for _ in range(2)]
+    for t in senders:
+        t.start()
+    deadline = time.time() + 2.0
+    while time.time() < deadline:  # busy: the main thread takes fewer of them
+        pass
+    done.set()
+    for t in senders:
+        t.join()
+    report = dict(silent_checkout(), first_waited=report["waited"], sent=sent[0])
+    report["checked_out"] = checked_out()
+    return report
+
+
 SCENARIOS = dict((f.__name__, f) for f in (
     unix_silent, interrupt_ping, fork_armed, deadline_race, exit_after_ping, exit_while_armed,
-    healthy_after_silence, collected_after_silence))
+    healthy_after_silence, collected_after_silence, signal_storm))
 
 if __name__ == "__main__":
     result = SCENARIOS[SCENARIO]()

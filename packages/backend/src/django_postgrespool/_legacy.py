@@ -202,7 +202,7 @@ class _PingWatch(object):
         with self._lock:
             return self._armed.pop(raw, None) is not None
 
-    def _run(self, now=time.time, read=os.read):
+    def _run(self, now=time.time, read=os.read, interrupted=(select.error, OSError, IOError)):
         # Locals only from here (bound above): at the interpreter's exit the
         # module's globals become None, and any error then ends the thread
         # silently (a bare except: not even a builtin name is looked up).
@@ -225,12 +225,13 @@ class _PingWatch(object):
                             shut_down(raw)
                         elif soonest is None or deadline < soonest:
                             soonest = deadline
-                wait(None if soonest is None else max(0.0, soonest - at) * 1000.0)
                 try:
+                    wait(None if soonest is None else max(0.0, soonest - at) * 1000.0)
                     read(self._wake, 512)
-                except OSError:  # not rung: the time ran out
+                except interrupted:  # not rung (the time ran out), or a signal (EINTR)
                     pass
         except:  # noqa: E722 - see above
+            self._running = False  # ended by an error, not at exit: the next arm() starts one
             return
 
 
