@@ -620,8 +620,8 @@ def main(argv: list[str]) -> int:
     try:
         lane.sql(f'DROP DATABASE IF EXISTS "{DATABASE}"', database="postgres")
         lane.sql(f'CREATE DATABASE "{DATABASE}"', database="postgres")
-        # The review of the ping watch (tests/legacy/test_watch_review.py).
-        from tests.legacy.test_watch_review import TESTS as WATCH_TESTS
+        # The review of the ping watch (tests/legacy/watch_review.py).
+        from tests.legacy.watch_review import TESTS as WATCH_TESTS
 
         for test in TESTS + WATCH_TESTS:
             if args.k not in test.__name__:

@@ -2,7 +2,7 @@
 
     python watch_probe.py PORT DATABASE SCENARIO [ARG]   # password in LEGACY_DB_PASSWORD
 
-tests/legacy/test_watch_review.py runs the scenarios in both legacy virtualenvs.
+tests/legacy/watch_review.py runs the scenarios (Django 1.6), from tests/legacy/run.py.
 Real PostgreSQL, no mocks. Every backend this probe SIGSTOPs is SIGCONTed by a
 detached ``sh -c 'sleep N; kill -CONT pid'`` whatever happens to the probe.
 """
