@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import dis
 import functools
+import gc
 import linecache
 import os
 import queue
@@ -164,7 +165,7 @@ class _Frame:
             kind, line = "at the entry of the with (a contended lock)", None
         self.last = offset, ins
         self.inline = False
-        if kind is not None:
+        if kind is not None and not injector.collecting:
             injector.point(frame, kind, line)
         return self.trace
 
@@ -198,11 +199,22 @@ class Injector:
         self.settle = settle
         self.fired: str | None = None
         self.base: FrameType | None = None
+        # The garbage collector runs in this thread: what it runs (a generator
+        # left suspended by an earlier run, closed now) is no point of the
+        # operation, and an interrupt there would be swallowed as unraisable.
+        self.collecting = False
+        self.thread = 0
+
+    def _collector(self, phase: str, info: dict[str, int]) -> None:
+        if threading.get_ident() == self.thread:
+            self.collecting = phase == "start"
 
     def run(self, operation: Callable[..., Any], *args: Any) -> tuple[Any, BaseException | None]:
         """Run ``operation(*args)`` traced; return its result, or what it raised."""
         self.base = sys._getframe()
+        self.thread = threading.get_ident()
         previous = sys.gettrace()
+        gc.callbacks.append(self._collector)
         sys.settrace(self._call)
         try:
             return operation(*args), None
@@ -210,11 +222,18 @@ class Injector:
             return None, error
         finally:
             sys.settrace(previous)
+            gc.callbacks.remove(self._collector)
+            self.collecting = False
 
     def _call(self, frame: FrameType, event: str, arg: Any) -> Any:
-        if self.fired is not None or event != "call":
-            return None
         code = frame.f_code
+        if (
+            self.fired is not None
+            or event != "call"
+            or self.collecting
+            or code is _COLLECTOR_CODE
+        ):
+            return None
         hook = self.hooks.pop(code, None)
         if hook is not None:
             hook()
@@ -260,6 +279,9 @@ class Injector:
         if self.settle is not None:
             self.settle()
         raise _Interrupt(self.fired)
+
+
+_COLLECTOR_CODE = Injector._collector.__code__
 
 
 def _until(condition: Callable[[], bool], timeout: float = SETTLE) -> bool:
@@ -388,6 +410,12 @@ class World:
     def __init__(self, connect: Callable[[], Any] = FakeConnection, **options: Any) -> None:
         self.connect = connect  # the driver's connect()
         self.pool = make_pool(**options)
+        # The scenarios sweep (max_idle) and look for leaks themselves: the
+        # housekeeper's thread, woken by each new pool, would do it in the
+        # middle of a run (the audit then saw its retire half done).
+        keeper = pool_module._housekeeper
+        with keeper._lock:
+            keeper._pools.discard(self.pool)
         self.main = threading.current_thread()
         self.errors: list[str] = []
         self.held: dict[Lease, float] = {}  # this thread's checkouts
