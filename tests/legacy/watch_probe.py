@@ -408,7 +408,41 @@ def signal_storm():
     return report
 
 
+def first_pings_race():
+    """Threads racing to a process's first ping: each may make a watch (a pipe: two
+    descriptors); the one kept is the first recorded, the others' pipes must be closed."""
+    made, original = [0], _legacy._PingWatch
+
+    class Counted(original):
+        def __init__(self):
+            made[0] += 1
+            time.sleep(0.002)  # the window between the lookup and the record, widened
+            original.__init__(self)
+
+    _legacy._PingWatch = Counted
+    rounds, kept = 20, []
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(rounds):
+        _legacy._watches.clear()  # this process's first ping again
+        go, got = threading.Event(), []
+
+        def first():
+            go.wait()
+            got.append(_legacy._ping_watch())
+
+        threads = [threading.Thread(target=first) for _ in range(8)]
+        for t in threads:
+            t.start()
+        go.set()
+        for t in threads:
+            t.join()
+        kept.append(len(set(map(id, got))))
+    return {"rounds": rounds, "made": made[0], "watches_per_round": sorted(set(kept)),
+            "descriptors_added": len(os.listdir("/proc/self/fd")) - before}
+
+
 SCENARIOS = dict((f.__name__, f) for f in (
+    first_pings_race,
     unix_silent, interrupt_ping, fork_armed, deadline_race, exit_after_ping, exit_while_armed,
     healthy_after_silence, collected_after_silence, signal_storm))
 

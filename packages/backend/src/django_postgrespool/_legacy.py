@@ -182,6 +182,14 @@ class _PingWatch(object):
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
         self._running = False  # set by the thread itself: a start cut short is tried again
 
+    def close(self):
+        """Close the pipe of a watch never used (its thread never started)."""
+        for fd in (self._wake, self._bell):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
     def arm(self, raw, deadline):
         with self._lock:
             self._armed[raw] = deadline
@@ -242,7 +250,10 @@ def _ping_watch():
     pid = os.getpid()
     watch = _watches.get(pid)
     if watch is None:
-        watch = _watches.setdefault(pid, _PingWatch())  # one per process (atomic)
+        made = _PingWatch()
+        watch = _watches.setdefault(pid, made)  # one per process (atomic)
+        if watch is not made:  # another thread's first ping made it meanwhile
+            made.close()
     return watch
 
 
