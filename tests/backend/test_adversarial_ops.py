@@ -457,12 +457,17 @@ def _pool_collectors(reg: CollectorRegistry) -> int:
 def test_register_gives_every_new_registry_the_pools_collector() -> None:
     assert not prom.multiprocess_mode()
     missing = 0
+    addresses: set[int] = set()
+    reused = 0  # registries made where an earlier one was (what fooled a memo by id())
     for _ in range(200):
         reg = CollectorRegistry()
+        reused += id(reg) in addresses
+        addresses.add(id(reg))
         prom.register(reg)
         missing += _pool_collectors(reg) == 0
         del reg
-        gc.collect()
+        gc.collect(0)  # a young cycle's memory freed (a full collection: 70 ms, no more reuse)
+    assert reused > 100, f"only {reused} of 200 registries reused an address: nothing tested"
     assert missing == 0, f"{missing} of 200 registries got no PoolCollector"
 
 
