@@ -20,6 +20,8 @@ LANE := dj$(subst .,,$(DJANGO))-$(DRIVER)
 # "servers": runserver, gunicorn, uvicorn, gevent, Chromium) run in these
 # lanes only, each Django release and each driver once; one lane runs them all.
 SERVER_LANES := dj42-psycopg2 dj52-psycopg dj61-psycopg
+# So do the pool's unit tests on a fake DB-API (marker "pool_unit"): they
+# depend on the Python version only, which these lanes cover.
 # Tests marked "default_lane" run once, in the default lane: those of `make
 # demo` (the lane it uses; the others serve the example in their own tests)
 # and those that do not depend on the lane's Django or driver. The default
@@ -41,7 +43,7 @@ test: system-deps ## Run the test suite (DJANGO=, DRIVER=, or MATRIX=1 for every
 	@for lane in $(LANES); do \
 	  marks="not reliability and not dist"; \
 	  if [ -n "$(MATRIX)" ] && [ -z "$$(echo ' $(SERVER_LANES) $(DEFAULT_LANE) ' | grep -F " $$lane ")" ]; then \
-	    marks="$$marks and not servers"; \
+	    marks="$$marks and not servers and not pool_unit"; \
 	  fi; \
 	  if [ -n "$(MATRIX)" ] && [ "$$lane" != "$(DEFAULT_LANE)" ]; then \
 	    marks="$$marks and not default_lane"; \

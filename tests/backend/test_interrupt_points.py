@@ -85,6 +85,9 @@ from tests.backend.test_adversarial import (  # noqa: F401 (_fake_db_reset: an a
 )
 from tests.backend.test_signal_storm import _Interrupt
 
+# Lane-independent (a fake DB-API): with MATRIX=1, in the server lanes only (Makefile).
+pytestmark = pytest.mark.pool_unit
+
 # Limits that a healthy run never reaches (they only bound a failing one).
 SETTLE = 2.0  # seconds another thread may take to finish what it was handed
 MAX_POINTS = 3000  # injection points of one operation
