@@ -53,6 +53,7 @@ from __future__ import annotations
 import dis
 import functools
 import gc
+import inspect
 import linecache
 import os
 import queue
@@ -207,6 +208,7 @@ class Injector:
         # operation, and an interrupt there would be swallowed as unraisable.
         self.collecting = False
         self.thread = 0
+        self.inside_sqlalchemy = False  # its frames are points too
 
     def _collector(self, phase: str, info: dict[str, int]) -> None:
         if threading.get_ident() == self.thread:
@@ -266,11 +268,13 @@ class Injector:
         while f is not None and f is not self.base:
             module = f.f_globals.get("__name__", "")
             if (
-                module.startswith("sqlalchemy.")
+                (module.startswith("sqlalchemy.") and not self.inside_sqlalchemy)
                 or module in ("logging", "weakref", "_weakrefset")
                 or f.f_code.co_name == "__del__"
             ):
                 return True
+            if self.inside_sqlalchemy and isinstance(f.f_locals.get("self"), FakeConnection):
+                return True  # the fake stands for the driver's C code
             f = f.f_back
         return False
 
@@ -552,6 +556,22 @@ class World:
             )
         assert not problems and not self.errors, f"{when}: {problems + self.errors}"
 
+    def fill(self) -> None:
+        """This thread checks out until the pool holds max_connections, then gives back.
+
+        A slot under the cap that QueuePool lost count of would time out.
+        """
+        pool = self.pool
+        cap = pool.options.max_connections
+        taken = []
+        try:
+            while len(pool._leases) < cap or pool._idle:
+                taken.append(self.checkout())
+        except PoolTimeout:
+            self.errors.append(f"the pool reached {len(pool._leases)} connections of {cap}")
+        for lease in taken:
+            pool.checkin(lease, None, self.let_go(lease))
+
     def finish(self) -> None:
         """The program goes on: everyone gives back what it holds and is served in turn."""
         for _ in range(50):
@@ -617,6 +637,9 @@ def explore(
     options: dict[str, Any],
     scenario: Callable[[World], Any],
     hooks: Callable[[World], dict[CodeType, Callable[[], None]]] | None = None,
+    *,
+    inside_sqlalchemy: bool = False,
+    unavoidable: str | None = None,
 ) -> list[str]:
     """Run the scenario's operation once per injection point, then once through.
 
@@ -639,6 +662,7 @@ def explore(
             raise AssertionError("the set-up never won its race with fair_after")
         try:
             injector = Injector(at, hooks(world) if hooks else None, world.settle)
+            injector.inside_sqlalchemy = inside_sqlalchemy
             result, error = injector.run(operation, *args)
             where = injector.fired
             context = f"point {at}, {where or 'no injection'}"
@@ -646,9 +670,12 @@ def explore(
                 if where is not None:
                     assert isinstance(error, _Interrupt), f"the interrupt became {error!r}"
                 recover(result, error)
+                if inside_sqlalchemy:
+                    world.fill()
                 world.finish()
             except AssertionError as failure:
-                failures.append(f"{context}: {failure}")
+                if unavoidable is None or unavoidable not in context:
+                    failures.append(f"{context}: {failure}")
         finally:
             world.close()
         if where is None or len(failures) >= MAX_FAILURES:
@@ -1155,3 +1182,95 @@ def test_a_second_thread_started_before_the_first_ran_ends_at_once(
     second.start()
     second.join(2)
     assert not second.is_alive() and threading.active_count() == threads_before
+
+
+# -- inside SQLAlchemy's frames ---------------------------------------------------------
+#
+# Its QueuePool's bookkeeping is no safer from a signal handler's exception
+# than any Python code: interrupted inside a checkin or an invalidate() it
+# may put a record back with its connection still open, or count a slot
+# nobody holds (the pool's capacity then one less for good); inside a
+# connect(), after the driver connected, nobody holds that connection. Each
+# point of SQLAlchemy's frames is tried here too: no connection is left open
+# that the pool does not hold, none is lent twice, and the pool still
+# reaches max_connections (World.fill; the pool frees a lost slot as it
+# finds QueuePool at its cap below its own count).
+
+SQLA_OPTIONS = {"timeout": 0.3}
+
+
+def _lineno(function: Callable[..., Any], text: str) -> int:
+    lines, first = inspect.getsourcelines(function)
+    return first + next(i for i, source in enumerate(lines) if text in source)
+
+
+@pytest.mark.parametrize("how", ["discard", "checkin"])
+@pytest.mark.parametrize("beyond", [False, True])
+def test_a_checkin_interrupted_inside_sqlalchemy(beyond: bool, how: str) -> None:
+    # beyond: the connection given back is beyond pool_size and closed.
+    def scenario(world: World) -> Any:
+        leases = [world.checkout() for _ in range(2)]
+        lease = leases[-1 if beyond else 0]
+        borrowed_at = world.let_go(lease)
+
+        def recover(result: Any, error: BaseException | None) -> None:
+            if error is not None:
+                _recover_checkin(world, lease, borrowed_at, how)
+
+        return world.pool.checkin, (lease, None, borrowed_at), recover
+
+    sizes = {"pool_size": 1, "max_overflow": 1} if beyond else {"pool_size": 2, "max_overflow": 0}
+    points = explore({**sizes, **SQLA_OPTIONS}, scenario, inside_sqlalchemy=True)
+    assert any("_ConnectionRecord.invalidate" in p for p in points) == beyond
+
+
+def test_a_discard_interrupted_inside_sqlalchemy() -> None:
+    def scenario(world: World) -> Any:
+        leases = [world.checkout() for _ in range(2)]
+        lease = leases[0]
+        borrowed_at = world.let_go(lease)
+
+        def recover(result: Any, error: BaseException | None) -> None:
+            if error is not None:
+                _recover_checkin(world, lease, borrowed_at, "discard")
+
+        return world.pool.discard, (lease, "closed inside atomic", borrowed_at), recover
+
+    options = {"pool_size": 1, "max_overflow": 1, **SQLA_OPTIONS}
+    points = explore(options, scenario, inside_sqlalchemy=True)
+    assert any("_finalize_fairy" in p for p in points)
+
+
+@pytest.mark.parametrize("lifo", [False, True])
+def test_a_checkout_of_a_new_connection_interrupted_inside_sqlalchemy(lifo: bool) -> None:
+    def scenario(world: World) -> Any:
+        world.checkout()  # held: the checkout opens the second
+        return _checkout(world, None)
+
+    # Unavoidable: between the driver's connect() returning to the creator
+    # and the creator storing it, nobody holds the connection (a real driver
+    # closes it as it is freed, at once: the fake is kept by its registry).
+    line = inspect.getsource(pool_module._create).splitlines()[-2].strip()
+    assert line == "_opening.made = made = open_connection()"
+    options = {"pool_size": 1, "max_overflow": 1, "use_lifo": lifo, **SQLA_OPTIONS}
+    points = explore(
+        {"connect": PingableConnection, **options},
+        scenario,
+        inside_sqlalchemy=True,
+        unavoidable=f"_create (line {_lineno(pool_module._create, line)}: {line})",
+    )
+    assert any("_inc_overflow" in p for p in points)
+
+
+def test_a_sweep_interrupted_inside_sqlalchemy() -> None:
+    def scenario(world: World) -> Any:
+        pool = world.pool
+        leases = [world.checkout() for _ in range(3)]
+        for lease in leases:
+            pool.checkin(lease, None, world.let_go(lease))
+        pool.sweep_idle(pool._next_sweep)  # the first sweep notes how many stayed idle
+        return pool.sweep_idle, (pool._next_sweep,), lambda result, error: None
+
+    options = {"pool_size": 1, "max_overflow": 2, "max_idle": 60.0, **SQLA_OPTIONS}
+    points = explore(options, scenario, inside_sqlalchemy=True)
+    assert any("_ConnectionRecord" in p for p in points)

@@ -48,6 +48,7 @@ import _thread
 import bisect
 import ctypes
 import functools
+import gc
 import logging
 import math
 import operator
@@ -409,8 +410,9 @@ class _Waiter:
 
 class _Opening(threading.local):
     # QueuePool calls its creator synchronously inside connect(): the callable
-    # of the checkout running in this thread.
+    # of the checkout running in this thread, and the connection it opened.
     open: Callable[[], Any] | None = None
+    made: Any = None
 
 
 _opening = _Opening()
@@ -492,6 +494,10 @@ class ConnectionPool:
         self._opened = self._closed = self._recycled = self._invalidated = 0
         self._checkouts = self._affinity = self._handoffs = self._reclaimed = 0
         self._waits = self._timeouts = self._leaks = self._connect_failures = 0
+        self._connecting = 0  # checkouts between QueuePool's connect() and _leases
+        self._closing: set[Lease] = set()  # out of _leases before their close (_surplus)
+        self._lost_slots = 0  # slots QueuePool counted for nobody, freed (see _recount)
+        self._recount_after = 0.0
         self._peak = 0
         self._wait_hist, self._use_hist, self._create_hist = (
             _Histogram(alias, "wait"),
@@ -689,7 +695,12 @@ class ConnectionPool:
         return lease
 
     def _has_room(self) -> bool:
-        return self._queue.checkedout() < self.options.max_connections
+        cap = self.options.max_connections
+        if self._queue.checkedout() < cap:
+            return True
+        # QueuePool is at its cap: so are we, unless it lost count (_recount).
+        held = len(self._leases) + self._connecting + len(self._closing)
+        return held < cap and self._recount(0)
 
     def _open(self, open_connection: Callable[[], Any]) -> Lease | None:
         """Open a new connection through QueuePool; None when it is at the cap."""
@@ -706,22 +717,17 @@ class ConnectionPool:
                         raise self._backoff_error(now)
                     self._attempting = attempting = True
         started = time.monotonic()
-        _opening.open = open_connection
+        with self._lock:
+            self._connecting += 1
         try:
-            fairy = self._queue.connect()
-        except sa_exc.TimeoutError:  # at the cap
-            return None
-        except BaseException as error:
-            # QueuePool has freed the slot this attempt held: a checkout that
-            # found it at the cap meanwhile is waiting for that room.
-            if isinstance(error, self._connect_errors):
-                self._note_connect_failure(error)
-            self._signal_room()
-            raise
+            fairy = self._connect(open_connection)
         finally:
-            _opening.open = None
             if attempting:
                 self._attempting = False
+        if fairy is None:  # at the cap
+            with self._lock:
+                self._connecting -= 1
+            return None
         lease = None
         try:
             now = time.monotonic()
@@ -743,22 +749,108 @@ class ConnectionPool:
                 _poller(lease)
             with self._lock:
                 self._leases.add(lease)
+                self._connecting -= 1
             self._opened += 1
         except BaseException:
             # A signal handler's exception (or a failure setting it up): close
             # it, its slot back to QueuePool, whoever waits for room told.
             self._opened += 1
-            if lease is not None:
-                self._retire(lease, None, warn=False)
+            counted = lease is not None and lease in self._leases  # then no longer connecting
+            try:
+                if lease is not None:
+                    self._retire(lease, None, warn=False)
+                    raise
+                try:
+                    fairy.invalidate()
+                except Exception:
+                    pass
+                self._closed += 1
+                self._signal_room()
                 raise
+            finally:
+                if not counted:  # after its slot is freed: _recount never sees it lost
+                    with self._lock:
+                        self._connecting -= 1
+        return lease
+
+    def _connect(self, open_connection: Callable[[], Any]) -> Any:
+        """QueuePool's connect() for a new connection of this checkout; None at the cap.
+
+        Counted in ``_connecting`` by the caller, which takes it out again
+        when this raises.
+        """
+        for _ in range(3):
+            _opening.open = open_connection
+            _opening.made = None
+            try:
+                fairy = self._queue.connect()
+            except sa_exc.TimeoutError:  # at the cap
+                if self._recount(1):
+                    continue
+                return None
+            except BaseException as error:
+                with self._lock:
+                    self._connecting -= 1
+                # Cut short inside SQLAlchemy once the driver had connected:
+                # nobody holds that connection.
+                _close_quietly(_opening.made)
+                # QueuePool has freed the slot this attempt held: a checkout that
+                # found it at the cap meanwhile is waiting for that room.
+                if isinstance(error, self._connect_errors):
+                    self._note_connect_failure(error)
+                self._signal_room()
+                raise
+            finally:
+                _opening.open = None
+            made, _opening.made = _opening.made, None
+            if fairy.dbapi_connection is made:
+                return fairy
+            # Every connection of ours is checked out of QueuePool, so it has
+            # none to lend but a record an interrupted invalidate() put back
+            # with its connection (see _retire): never lent, closed.
             try:
                 fairy.invalidate()
             except Exception:
                 pass
-            self._closed += 1
-            self._signal_room()
-            raise
-        return lease
+        return None
+
+    def _recount(self, mine: int) -> bool:
+        """Free the slots QueuePool counts for nobody; tell whether there were any.
+
+        A signal handler's exception inside SQLAlchemy's bookkeeping (a
+        checkin, an invalidate(), a connect()) can leave QueuePool counting a
+        connection nobody holds: a slot lost under the cap for good. Every
+        slot QueuePool counts is a lease of ours, a checkout between its
+        connect() and its lease (``_connecting``; ``mine``: this thread's,
+        which holds none), or a lease out of ``_leases`` before its close
+        (``_closing``). Rare (the counts disagree only after such an
+        exception), so the garbage collector runs first: a connection
+        QueuePool lent to a frame the exception cut short goes back to it
+        when collected, and must not be freed twice.
+        """
+        queue = self._queue
+        overflow_lock = getattr(queue, "_overflow_lock", None)
+        if overflow_lock is None or not isinstance(getattr(queue, "_overflow", None), int):
+            return False  # not the QueuePool this was written for
+        now = time.monotonic()
+        if now < self._recount_after:
+            return False
+        self._recount_after = now + 1.0  # a collection a second at most, whatever happens
+        gc.collect()  # no lock held: finalizers may take QueuePool's
+        with self._lock, overflow_lock:
+            held = len(self._leases) + self._connecting - mine + len(self._closing)
+            lost = queue.checkedout() - held
+            if lost <= 0:
+                return False
+            queue._overflow -= lost
+            self._lost_slots += lost
+        logger.warning(
+            "Database alias %r: QueuePool counted %d connection(s) nobody holds (an "
+            "exception raised inside its bookkeeping, by a signal handler); freed.",
+            self.alias,
+            lost,
+        )
+        return True
 
     def _expect(self, session_attrs: str | None) -> None:
         """Check at each checkout that the server still is what ``session_attrs`` asks."""
@@ -1144,6 +1236,7 @@ class ConnectionPool:
         with self._lock:
             if len(self._leases) > self.options.pool_size and not self._waiters:
                 self._leases.discard(lease)
+                self._closing.add(lease)  # QueuePool counts it until _retire
                 return True
         return False
 
@@ -1401,15 +1494,17 @@ class ConnectionPool:
                 except Exception:  # closing a broken connection may fail: it is gone anyway
                     pass
                 except BaseException:
-                    # A signal handler's exception as the call began: SQLAlchemy
+                    # A signal handler's exception. As the call began: SQLAlchemy
                     # has done nothing yet, and nobody else would close it.
-                    # (Inside SQLAlchemy's own bookkeeping it is not safe from
-                    # such an exception anyway; a second call then only warns.)
                     if lease.fairy.dbapi_connection is not None:
                         try:
                             lease.fairy.invalidate()
                         except Exception:
                             pass
+                    # Inside it: SQLAlchemy may have put the record back in
+                    # its queue with the connection still open (a checkout
+                    # never takes it: see _connect), or lost count (_recount).
+                    _close_quietly(lease.raw)
                     raise
             finally:
                 self._closed += 1
@@ -1421,6 +1516,7 @@ class ConnectionPool:
                     # it for ever. Waiters see the room at their next look
                     # (each nap is at most _RECLAIM_INTERVAL).
                     self._leases -= {lease}
+                    self._closing -= {lease}
                     self._room += 1
                     raise
 
@@ -1429,6 +1525,7 @@ class ConnectionPool:
         with self._lock:
             if gone is not None:
                 self._leases.discard(gone)
+                self._closing.discard(gone)
             self._room += 1
             waiter = self._hand_over(None) if self._waiters else None
             served = self._serve_from_idle() if waiter is not None and self._idle else []
@@ -1580,12 +1677,22 @@ _NO_ANSWER = "its health check got no answer within the pool's timeout"
 _SILENT = "it was idle when the server stopped answering another connection's health check"
 
 
+def _close_quietly(raw: Any) -> None:
+    """Close a driver connection nobody holds (closing twice is harmless)."""
+    if raw is not None:
+        try:
+            raw.close()
+        except Exception:
+            pass
+
+
 def _create(record: Any) -> Any:
     """QueuePool's creator: the running checkout's way to open a connection."""
     open_connection = _opening.open
     if open_connection is None:
         raise PoolError("A pooled connection was asked for outside of a checkout.")
-    return open_connection()
+    _opening.made = made = open_connection()
+    return made
 
 
 _transaction_status = operator.attrgetter("transaction_status")
