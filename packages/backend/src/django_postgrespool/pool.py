@@ -793,7 +793,8 @@ class ConnectionPool:
                     self._connecting -= 1
                 # Cut short inside SQLAlchemy once the driver had connected:
                 # nobody holds that connection.
-                _close_quietly(_opening.made)
+                made, _opening.made = _opening.made, None
+                _close_quietly(made)
                 # QueuePool has freed the slot this attempt held: a checkout that
                 # found it at the cap meanwhile is waiting for that room.
                 if isinstance(error, self._connect_errors):
