@@ -86,7 +86,7 @@ from tests.backend.test_adversarial import (  # noqa: F401 (_fake_db_reset: an a
 )
 from tests.backend.test_signal_storm import _Interrupt
 
-# Lane-independent (a fake DB-API): with MATRIX=1, in the server lanes only (Makefile).
+# Lane-independent (a fake DB-API): with MATRIX=1, one lane per Python version (Makefile).
 pytestmark = pytest.mark.pool_unit
 
 # Limits that a healthy run never reaches (they only bound a failing one).

@@ -23,7 +23,7 @@ from django_postgrespool.options import PoolOptions
 from django_postgrespool import pool as pool_module
 from django_postgrespool.pool import GONE, IDLE, ConnectionPool, Lease, Target, _Waiter
 
-# Lane-independent (a fake DB-API): with MATRIX=1, in the server lanes only (Makefile).
+# Lane-independent (a fake DB-API): with MATRIX=1, one lane per Python version (Makefile).
 pytestmark = pytest.mark.pool_unit
 
 TARGET = Target(database="db", host="h", port="1", user="u")
