@@ -49,6 +49,9 @@ __all__ = [
 ]
 
 
+_SETUP_UNFINISHED = "Django's connection setup did not finish on it"
+
+
 class CheckoutInfo(TypedDict):
     """One thread's current or last checkout of an alias (``checkout_info()``)."""
 
@@ -547,7 +550,10 @@ class PooledDatabaseWrapperMixin:
             and self._lease is None
         ):
             self.connection = None
-            last.pool.checkin(last, None, checkout[2])
+            if last.configured:
+                last.pool.checkin(last, None, checkout[2])
+            else:  # see _close()
+                last.pool.discard(last, _SETUP_UNFINISHED, checkout[2])
 
     def _held_lease(self, *, giving_back: bool = False) -> Lease | None:
         """The lease this wrapper holds, or None if the pool took it back.
@@ -588,6 +594,10 @@ class PooledDatabaseWrapperMixin:
                 return
             if self._discard_reason is not None:
                 lease.pool.discard(lease, self._discard_reason, borrowed_at)
+            elif not lease.configured:
+                # Django's setup never ran on it (_connect_new interrupted as it
+                # began): another wrapper, which did not open it, cannot run it.
+                lease.pool.discard(lease, _SETUP_UNFINISHED, borrowed_at)
             else:
                 # Raises nothing (a failed reset discards); does nothing if the
                 # pool has lent it again since (it took it back from an ended thread).
