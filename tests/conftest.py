@@ -73,6 +73,52 @@ def _close_pools_after_test():
     for conn in connections.all(initialized_only=True):
         conn.close()
     close_pools()
+    _no_pool_outlives_its_test()
+
+
+def _no_pool_outlives_its_test(grace: float = 10.0) -> None:
+    """Fail the test (in its teardown) that leaves a pool lending or waited on.
+
+    A pool closed by close_pools() stays in the registry, and in every later
+    test's pool_stats(), until its last connection is given back and nobody
+    waits for one: a test that leaves a borrower behind would fail dozens of
+    others. Its threads get ``grace`` seconds to finish; then the pools are
+    reported with this test and dropped, so that the next tests start clean.
+    """
+    import threading
+    import time
+
+    from django_postgrespool import registry
+
+    if not hasattr(registry, "_retired"):  # the legacy backend
+        return
+    deadline = time.monotonic() + grace
+    while registry.all_pools():  # all_pools() drops the drained ones
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    else:
+        return
+    with registry._registry_lock():
+        left = [*registry._pools.values(), *registry._retired]
+        registry._pools.clear()
+        registry._retired.clear()
+    described = [
+        {key: stats[key] for key in ("alias", "size", "checked_out", "waiting")
+         if key in stats}
+        | {
+            "leases": [
+                (lease.state, lease.source, getattr(lease.owner, "name", None),
+                 getattr(lease.owner, "is_alive", lambda: None)())
+                for lease in list(pool._leases)
+            ],
+            "waiters": len(getattr(pool, "_waiters", ())),
+            "pool_closed": pool.closed,
+            "threads": sorted(t.name for t in threading.enumerate()),
+        }
+        for pool, stats in ((pool, pool.stats()) for pool in left)
+    ]
+    pytest.fail(f"pools still lending or waited on {grace:.0f} s after the test: {described}")
 
 
 @pytest.fixture

@@ -139,3 +139,4 @@ def test_a_slot_counted_for_nobody_is_freed_at_the_cap(
     assert _at_once(alias, 2) == []  # the slot QueuePool lost count of is freed
     stats = pool_stats(alias)[0]
     assert stats["opened"] - stats["closed"] == stats["size"], stats
+    assert stats["lost_slots"] == 1, stats  # and counted

@@ -142,6 +142,7 @@ class CountedStats(TypedDict):
     invalidated: int
     closed: int
     connect_failures: int
+    lost_slots: int
     wait_time: float
     use_time: float
     create_time: float
@@ -1661,6 +1662,7 @@ class ConnectionPool:
             invalidated=self._invalidated,
             closed=self._closed,
             connect_failures=self._connect_failures,
+            lost_slots=self._lost_slots,
             backoff_until=time.time() + backoff if backoff > 0 else None,
             last_connect_error=self._last_error,
             wait_time=wait["sum"],

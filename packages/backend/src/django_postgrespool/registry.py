@@ -58,6 +58,7 @@ _COUNTERS = (
     "invalidated",
     "closed",
     "connect_failures",
+    "lost_slots",
 )
 _KINDS: tuple[TimingKind, ...] = ("wait", "use", "create")
 
