@@ -90,8 +90,6 @@ def _no_pool_outlives_its_test(grace: float = 10.0) -> None:
 
     from django_postgrespool import registry
 
-    if not hasattr(registry, "_retired"):  # the legacy backend
-        return
     deadline = time.monotonic() + grace
     while registry.all_pools():  # all_pools() drops the drained ones
         if time.monotonic() > deadline:
@@ -104,15 +102,13 @@ def _no_pool_outlives_its_test(grace: float = 10.0) -> None:
         registry._pools.clear()
         registry._retired.clear()
     described = [
-        {key: stats[key] for key in ("alias", "size", "checked_out", "waiting")
-         if key in stats}
+        {key: stats[key] for key in ("alias", "size", "checked_out", "waiting")}
         | {
             "leases": [
                 (lease.state, lease.source, getattr(lease.owner, "name", None),
                  getattr(lease.owner, "is_alive", lambda: None)())
                 for lease in list(pool._leases)
             ],
-            "waiters": len(getattr(pool, "_waiters", ())),
             "pool_closed": pool.closed,
             "threads": sorted(t.name for t in threading.enumerate()),
         }
