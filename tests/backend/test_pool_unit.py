@@ -445,6 +445,72 @@ def test_connections_of_ended_threads_are_reclaimed_before_more_are_opened_witho
     assert stats["opened"] == 1
 
 
+def test_ended_borrowers_of_a_closed_pool_are_closed_once_while_late_checkins_race() -> None:
+    # Borrowers still running when their pool is closed, that then end without
+    # giving their connections back: close_ended_borrowers() closes them (the
+    # process's housekeeper calls it: close() asked it to watch this pool, so
+    # it races too), while wrappers left reachable give the same connections
+    # back from other threads (a checkin's compare-and-set against a
+    # reclaim's). Each connection is closed once, by one of them, and the
+    # pool ends empty.
+    for _ in range(200):
+        pool = make_pool(pool_size=3, max_overflow=1)
+        held: list[tuple[Lease, float]] = []
+        ended = threading.Event()
+
+        def borrow() -> None:
+            lease = pool.checkout(FakeConnection, None, threading.current_thread())
+            held.append((lease, lease.borrowed_at))
+            ended.wait(10)
+
+        borrowers = [threading.Thread(target=borrow) for _ in range(4)]
+        for t in borrowers:
+            t.start()
+        while len(held) < 4:
+            time.sleep(0.001)
+        pool.close()
+        assert pool.in_use() == 4  # nothing to reclaim yet: all four still run
+        ended.set()
+        for t in borrowers:
+            t.join()
+        start = threading.Barrier(3)
+        errors: list[BaseException] = []
+
+        def late_checkins(part: list[tuple[Lease, float]]) -> None:
+            start.wait(5)
+            try:
+                for lease, borrowed_at in part:
+                    pool.checkin(lease, None, borrowed_at)
+            except BaseException as error:  # noqa: BLE001 - reported below
+                errors.append(error)
+
+        def reclaim() -> None:
+            start.wait(5)
+            try:
+                pool.close_ended_borrowers()
+            except BaseException as error:  # noqa: BLE001 - reported below
+                errors.append(error)
+
+        racers = [
+            threading.Thread(target=late_checkins, args=(held[:2],)),
+            threading.Thread(target=late_checkins, args=(held[2:],)),
+            threading.Thread(target=reclaim),
+        ]
+        for t in racers:
+            t.start()
+        for t in racers:
+            t.join()
+        assert errors == []
+        # The housekeeper may be closing one still (GONE, its slot not yet freed).
+        deadline = time.monotonic() + 5
+        while pool.in_use() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        stats = pool.stats()
+        assert pool.in_use() == 0 and stats["size"] == 0, stats
+        assert stats["opened"] == stats["closed"] == 4, stats
+        assert all(lease.raw.closed and lease.state is GONE for lease, _ in held)
+
+
 def test_a_shared_connection_is_never_reclaimed() -> None:
     pool = make_pool(pool_size=1, timeout=0.3)
     holder: list = []

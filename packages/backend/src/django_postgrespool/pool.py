@@ -1590,6 +1590,18 @@ class ConnectionPool:
                     self._idle[lease] = True
                 raise
         self._queue.dispose()
+        if self.in_use():
+            # A borrower still running may end without giving its connection
+            # back: with no next checkout to reclaim it, the housekeeper does.
+            _housekeeper.watch(self)
+
+    def close_ended_borrowers(self) -> None:
+        """Close the connections of a closed pool's borrowers that ended without returning them."""
+        while True:
+            lease = self._reclaim_dead()
+            if lease is None:
+                return
+            self._retire(lease, None, warn=False)
 
     def histograms(self) -> dict[_metrics.TimingKind, _Histogram]:
         """The pool's timing histograms, by kind (for exporters that read them directly)."""
@@ -1966,18 +1978,32 @@ class _ThreadPerProcess:
 
 
 class _Housekeeper(_ThreadPerProcess):
-    """One daemon thread per process for the pools with max_idle or leak_timeout."""
+    """One daemon thread per process for the pools with max_idle or leak_timeout.
+
+    And for closed pools still lending: it closes the connections of their
+    borrowers that end without giving them back, and forgets each once drained.
+    """
 
     def __init__(self) -> None:
         self._pools: weakref.WeakSet[ConnectionPool] = weakref.WeakSet()
         self._no_thread()
         self._lock = threading.Lock()
-        self._wake = threading.Event()  # a new pool: look at the intervals again
+        self._bell = _unrung()  # rung by a new pool: look at the intervals again
+
+    def _ring(self) -> None:
+        # A lock's release is one call into C: a signal handler's exception
+        # leaves it rung or not, never half done. (An Event's set() runs
+        # Python code with its own lock held: cut short there, it leaves that
+        # lock held, and the next set() -- close() again, say -- blocks for good.)
+        try:
+            self._bell.release()
+        except RuntimeError:  # rung already
+            pass
 
     def watch(self, pool: ConnectionPool) -> None:
         with self._lock:
             self._pools.add(pool)
-            self._wake.set()
+            self._ring()
             start = self._should_start()
         if start:
             # Not under the lock: under gevent, start() switches to the new
@@ -2005,18 +2031,18 @@ class _Housekeeper(_ThreadPerProcess):
         if not self._runs_here():
             return
         # Made by the thread: the one of __init__, made in the fork hook before
-        # a gevent worker patched threading, would block the hub in wait().
-        self._wake = threading.Event()
+        # a gevent worker patched threading, would block the hub in acquire().
+        self._bell = _unrung()
         while True:
-            wake = self._wake
-            if wake.wait(self._interval(self._watched())):
-                wake.clear()
+            self._bell.acquire(timeout=self._interval(self._watched()))  # rung, or the time
             for pool in self._watched():
-                if pool.closed and pool.in_use() == 0:
-                    with self._lock:
-                        self._pools.discard(pool)
-                    continue
                 try:
+                    if pool.closed:
+                        pool.close_ended_borrowers()
+                        if pool.in_use() == 0:
+                            with self._lock:
+                                self._pools.discard(pool)
+                            continue
                     pool.check_leaks()
                     pool.sweep_idle()
                 except Exception:  # never let housekeeping kill the thread
@@ -2031,6 +2057,13 @@ class _Housekeeper(_ThreadPerProcess):
             if p is not None
         ]
         return max(0.05, min([1.0, *(p / 4 for p in periods)]))
+
+
+def _unrung() -> Any:
+    """A bell for the housekeeper: a lock held until it is rung (released)."""
+    bell = threading.Lock()
+    bell.acquire()
+    return bell
 
 
 _housekeeper = _Housekeeper()

@@ -218,8 +218,9 @@ def _sweep() -> None:
 def close_pools(alias: str | None = None, database: str | None = None) -> int:
     """Close this process's pools of ``alias`` and/or ``database`` (all if neither).
 
-    Idle connections close at once; checked-out ones when they are returned.
-    The next checkout builds a new pool. Return how many pools were closed.
+    Idle connections close at once; checked-out ones when they are returned,
+    or soon after their borrowing thread ends without returning them. The
+    next checkout builds a new pool. Return how many pools were closed.
     """
     with _registry_lock():
         doomed = [
