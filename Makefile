@@ -14,8 +14,6 @@ DRIVER ?= psycopg
 MATRIX ?=
 QUICK ?=
 PYTEST_ARGS ?=
-# LEGACY=0 leaves the legacy lane out of `make test` (CI runs it beside Django's suite).
-LEGACY ?= 1
 
 LANE := dj$(subst .,,$(DJANGO))-$(DRIVER)
 # With MATRIX=1 the tests that serve the example under real servers (marker
@@ -58,7 +56,7 @@ test: system-deps ## Run the test suite (DJANGO=, DRIVER=, or MATRIX=1 for every
 	  py=$(call lane_python,$$lane); \
 	  $$py -m pytest tests -p no:cacheprovider -m "$$marks" $(PYTEST_ARGS) || exit 1; \
 	done
-	@if [ "$(LEGACY)" != 0 ]; then $(MAKE) --no-print-directory test-legacy; fi
+	@$(MAKE) --no-print-directory test-legacy
 
 .PHONY: test-legacy
 test-legacy: ## Run the legacy lane: Python 2.7 + Django 1.6 + South 1.0.2

@@ -91,6 +91,37 @@ def thread_end():
     return {"pids": pids + [pid], "clean": clean, "errors": errors}
 
 
+def late_thread_end():
+    """A thread's locals freed after the next checkout began waiting (join() returns first).
+
+    The thread's _Leases is kept alive past its end (as when the interpreter
+    frees a thread's locals a moment after join() returns), and let go of
+    0.5 s into the next checkout's wait at the cap: that checkout must take
+    the connection back then, not wait out its timeout (5 s).
+    """
+    kept = []
+
+    def work():
+        one("SELECT 1")
+        kept.append(_legacy._threads.leases)  # the thread ends holding its connection
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    free = threading.Timer(0.5, kept.pop)
+    free.start()
+    started = time.time()
+    try:
+        one("SELECT 1")
+        error = None
+    except Exception as failure:
+        error = "%s: %s" % (type(failure).__name__, failure)
+    waited = time.time() - started
+    free.join()
+    connection.close()
+    return {"waited": round(waited, 2), "error": error, "checked_out": checked_out()}
+
+
 def dropped_wrapper():
     """A wrapper dropped holding a connection: garbage collection gives it back, reset."""
     one("CREATE TEMP TABLE legacy_dropped (x int); SELECT 1")
@@ -416,7 +447,7 @@ def silent_server():
 
 
 SCENARIOS = dict((f.__name__, f) for f in (
-    thread_end, dropped_wrapper, stale_cursor, session_state, receiver_error, fork,
+    thread_end, late_thread_end, dropped_wrapper, stale_cursor, session_state, receiver_error, fork,
     fork_reused_descriptor, interrupt, password_in_name, hand_begin, silent_server))
 
 if __name__ == "__main__":

@@ -434,6 +434,17 @@ def test_review_a_thread_that_ends_holding_a_connection_gives_it_back_rolled_bac
         assert report["clean"] is True, report  # its transaction rolled back
 
 
+def test_review_a_thread_whose_locals_are_freed_late_gives_its_connection_to_a_waiting_checkout(
+        lane: Lane) -> None:
+    # Failed in a CI run of 7 Dec (the lane beside Django's suite): the next
+    # checkout waited out its timeout, since a thread's locals are freed a
+    # moment after join() returns and a waiting checkout never looked again.
+    for report in review(lane, "late_thread_end"):
+        assert report["error"] is None, report
+        assert 0.5 <= report["waited"] < 1.5, report  # served a slice after the locals went
+        assert report["checked_out"] == 0, report
+
+
 def test_review_a_wrapper_dropped_holding_a_connection_is_reset_when_collected(
         lane: Lane) -> None:
     # Garbage collection returned it as it was (reset_on_return=None): with
@@ -570,6 +581,7 @@ TESTS: list[Callable[[Lane], None]] = [
     test_django_14_requests_reuse_one_backend_pid_and_roll_back,
     test_no_frame_of_ours_on_django_error_page_shows_the_password,
     test_review_a_thread_that_ends_holding_a_connection_gives_it_back_rolled_back,
+    test_review_a_thread_whose_locals_are_freed_late_gives_its_connection_to_a_waiting_checkout,
     test_review_a_wrapper_dropped_holding_a_connection_is_reset_when_collected,
     test_review_a_cursor_kept_past_close_cannot_run_on_the_next_borrowers_session,
     test_review_driver_state_read_only_cursor_factory_notifies_reset_at_checkin,

@@ -23,6 +23,7 @@ from __future__ import absolute_import
 import collections
 import fcntl
 import logging
+import math
 import os
 import select
 import socket
@@ -102,6 +103,8 @@ class PoolTimeout(_OperationalError):
 
 # libpq's PGTransactionStatusType (psycopg2.extensions.TRANSACTION_STATUS_*).
 _IDLE, _ACTIVE, _INTRANS, _INERROR, _UNKNOWN = range(5)
+# A checkout waiting at the cap looks for connections of ended threads this often.
+_WAIT_SLICE = 0.25
 _BORN = "django_postgrespool.born"
 _RETURNED = "django_postgrespool.returned"  # when checkin() last gave it back
 _DISCARDED = "django_postgrespool.discarded"
@@ -295,6 +298,7 @@ class _Pool(object):
             "user": _rules.shown(conn_params.get("user") or "(default)"),
         }
         self._cap = options["pool_size"] + options["max_overflow"]
+        self._slices = max(1, int(math.ceil(float(options["timeout"]) / _WAIT_SLICE)))
         self._counts = {"checkouts": 0, "opened": 0, "invalidated": 0, "waits": 0, "timeouts": 0}
         self.closed = False
         # Every connection this pool opened and has not freed, and its socket
@@ -318,7 +322,8 @@ class _Pool(object):
             create,
             pool_size=options["pool_size"],
             max_overflow=options["max_overflow"],
-            timeout=options["timeout"],
+            # The wait is cut in slices (see _connect): the same in all.
+            timeout=float(options["timeout"]) / self._slices,
             recycle=-1 if recycle is None else int(recycle),
             use_lifo=options["use_lifo"],
             reset_on_return=None,  # checkin() resets, below
@@ -344,7 +349,7 @@ class _Pool(object):
         for _ in range(self._cap + 2):
             started = time.time()
             try:
-                fairy = self._queue.connect()
+                fairy = self._connect()
             except _sa_exc.TimeoutError:
                 self._counts["timeouts"] += 1
                 raise PoolTimeout(self.alias, self.options["pool_size"],
@@ -366,6 +371,22 @@ class _Pool(object):
                     self.discard(fairy, "its checkout was interrupted", warn=False)
                 raise
         raise _OperationalError("%r could not find a live connection." % (self,))
+
+    def _connect(self):
+        """QueuePool's connect(), its wait at the cap cut in slices.
+
+        Between two, the connections of threads that ended holding them come
+        back: a thread's locals are freed a moment after join() returns, so
+        one that ended just before this checkout may not be in _ended yet.
+        """
+        for left in range(self._slices - 1, -1, -1):
+            try:
+                return self._queue.connect()
+            except _sa_exc.TimeoutError:
+                if not left:
+                    raise
+                if _ended:
+                    _give_back_ended()
 
     def _is_alive(self, raw):
         mode = self.options["pre_ping"]
