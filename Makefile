@@ -41,11 +41,13 @@ system-deps: ## Install the Debian packages the suites use (PostGIS, PgBouncer, 
 
 .PHONY: test
 # The legacy lane runs beside the others (it mostly waits: ~30 s of CPU in its
-# ~2.5 min), its output printed at the end; a failing lane still waits for it.
+# ~2.5 min), its output printed at the end; a failing lane still waits for it,
+# Ctrl-C ends it (SIGTERM: background jobs ignore SIGINT).
 test: system-deps ## Run the test suite (DJANGO=, DRIVER=, or MATRIX=1 for every lane) and, beside it, the legacy lane
 	@legacy_log=$$(mktemp); \
 	$(PYTHON) tests/legacy/run.py > "$$legacy_log" 2>&1 & legacy=$$!; \
 	trap 'kill $$legacy 2>/dev/null || true; rm -f "$$legacy_log"' EXIT; \
+	trap 'exit 130' INT TERM; \
 	rc=0; \
 	for lane in $(LANES); do \
 	  marks="not reliability and not dist"; \

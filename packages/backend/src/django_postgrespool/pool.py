@@ -1575,20 +1575,9 @@ class ConnectionPool:
         """Close the idle connections; checked-out ones are closed at checkin."""
         self.closed = True
         self.retired = retired
-        while True:
-            # Connections of borrowers that ended without giving them back
-            # first (a closed pool has no next checkout to reclaim them), then
-            # the idle ones.
-            lease = self._reclaim_dead() or self._take_idle()
-            if lease is None:
-                break
-            try:
-                self._retire(lease, None, warn=False)
-            except BaseException:  # a signal handler's, before it was closed
-                if lease.state is not GONE:  # idle (reclaimed too): the next close() closes it
-                    lease.state = IDLE
-                    self._idle[lease] = True
-                raise
+        # Connections of borrowers that ended without giving them back first
+        # (a closed pool has no next checkout to reclaim them), then the idle ones.
+        self._close_each(lambda: self._reclaim_dead() or self._take_idle())
         self._queue.dispose()
         if self.in_use():
             # A borrower still running may end without giving its connection
@@ -1597,11 +1586,18 @@ class ConnectionPool:
 
     def close_ended_borrowers(self) -> None:
         """Close the connections of a closed pool's borrowers that ended without returning them."""
-        while True:
-            lease = self._reclaim_dead()
-            if lease is None:
-                return
-            self._retire(lease, None, warn=False)
+        self._close_each(self._reclaim_dead)
+
+    def _close_each(self, claim: Callable[[], Lease | None]) -> None:
+        """Close the connections ``claim()`` takes, one by one, until it finds none."""
+        while (lease := claim()) is not None:
+            try:
+                self._retire(lease, None, warn=False)
+            except BaseException:  # a signal handler's, before it was closed
+                if lease.state is not GONE:  # idle (reclaimed too): the next close() closes it
+                    lease.state = IDLE
+                    self._idle[lease] = True
+                raise
 
     def histograms(self) -> dict[_metrics.TimingKind, _Histogram]:
         """The pool's timing histograms, by kind (for exporters that read them directly)."""
