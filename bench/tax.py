@@ -16,7 +16,7 @@ variants, not the figures alone.
 
 Why not the tight loop of cycle.py: between two borrows a request runs its
 query and Django's code, and the pool's code and objects leave the caches;
-the same calls then cost two to three times as much (docs/scaling.rst). The
+the same calls then cost two to three times as much (docs/evidence/fleet.rst). The
 database is in ``BENCH_DB`` (JSON, as for the worker), on its own CPU with
 ``--split-cpus``.
 """
