@@ -1577,7 +1577,7 @@ class ConnectionPool:
         self.retired = retired
         # Connections of borrowers that ended without giving them back first
         # (a closed pool has no next checkout to reclaim them), then the idle ones.
-        self._close_each(lambda: self._reclaim_dead() or self._take_idle())
+        self._close_claimed(idle_too=True)
         self._queue.dispose()
         if self.in_use():
             # A borrower still running may end without giving its connection
@@ -1586,11 +1586,18 @@ class ConnectionPool:
 
     def close_ended_borrowers(self) -> None:
         """Close the connections of a closed pool's borrowers that ended without returning them."""
-        self._close_each(self._reclaim_dead)
+        self._close_claimed(idle_too=False)
 
-    def _close_each(self, claim: Callable[[], Lease | None]) -> None:
-        """Close the connections ``claim()`` takes, one by one, until it finds none."""
-        while (lease := claim()) is not None:
+    def _close_claimed(self, *, idle_too: bool) -> None:
+        """Close, one by one, the connections of ended borrowers (and the idle ones)."""
+        # `while True` with the claim inside, not `while (lease := claim())`:
+        # CPython evaluates a loop's condition again at the end of the body,
+        # and the jump back after it runs signal handlers, whose exception
+        # would find the lease claimed by nobody (test_signal_storm.py).
+        while True:
+            lease = self._reclaim_dead() or (self._take_idle() if idle_too else None)
+            if lease is None:
+                return
             try:
                 self._retire(lease, None, warn=False)
             except BaseException:  # a signal handler's, before it was closed
