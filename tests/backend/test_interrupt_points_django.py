@@ -66,6 +66,7 @@ import gc
 import inspect
 import math
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -765,13 +766,43 @@ def _suspended_in_a_cycle() -> None:
     cycle.append(cycle)
 
 
+def _collect_half_built_driver_objects() -> None:
+    """Collect the garbage left by interrupts injected into a driver's constructors.
+
+    A psycopg cursor interrupted inside its ``__init__`` is half built: its
+    ``__del__`` raises AttributeError whenever the collector gets to it, an
+    unraisable exception that fails whichever test runs then (7 Dec, this
+    module's last test, with lanes run side by side). Collected at the end of
+    the test that made it, with those exceptions, and only those, ignored.
+    """
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        module = getattr(unraisable.object, "__module__", None) or ""
+        if isinstance(unraisable.exc_value, AttributeError) and module.startswith("psycopg"):
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = previous
+
+
+@pytest.fixture(autouse=True)
+def _half_built_driver_objects_collected() -> Iterator[None]:
+    yield
+    _collect_half_built_driver_objects()
+
+
 def test_the_points_the_garbage_collector_runs_are_not_counted() -> None:
     # An earlier run may leave a generator suspended (interrupted at its
     # manager's __exit__ entry); the collector closes it whenever it runs, so
     # its frames are no point of the operation: an interrupt raised there is
     # swallowed as unraisable (6 Dec: "the interrupt became _Rollback").
     for at in (10**9, 1):
-        gc.collect()
+        _collect_half_built_driver_objects()
         _suspended_in_a_cycle()
         injector = DjangoInjector(at)
         _, error = injector.run(gc.collect)
