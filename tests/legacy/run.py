@@ -602,9 +602,9 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-k", default="", help="run only the checks whose name contains this")
     args = parser.parse_args(argv)
-    # `make test` runs this lane in the background and ends it with SIGTERM
-    # when interrupted: exit through the `finally` below, which removes the
-    # lane's PostgreSQL (SIGINT is ignored by a shell's background jobs).
+    # `make test` runs this lane in the background and, when it is itself
+    # ended early, ends the lane with SIGTERM: exit through the `finally`
+    # below, which removes the lane's PostgreSQL (as a Ctrl-C does).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.monotonic()
     interpreter = python27()

@@ -12,6 +12,7 @@ are made with uv, itself installed into ``.venv/tools`` on first use.
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import hashlib
 import os
@@ -92,9 +93,14 @@ def uv() -> str:
         return system
     tools = VENVS / "tools"
     binary = tools / "bin" / "uv"
-    if not binary.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(tools)], check=True)
-        subprocess.run([str(tools / "bin" / "pip"), "install", "-q", "uv"], check=True)
+    VENVS.mkdir(parents=True, exist_ok=True)
+    # Lanes are set up side by side (`make test MATRIX=1`): one installs uv,
+    # the others wait for it to finish rather than run a half-written binary.
+    with open(VENVS / ".tools.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not binary.exists():
+            subprocess.run([sys.executable, "-m", "venv", str(tools)], check=True)
+            subprocess.run([str(tools / "bin" / "pip"), "install", "-q", "uv"], check=True)
     return str(binary)
 
 
