@@ -21,6 +21,7 @@ from django.db import connections, transaction
 from django_postgrespool import pool_stats, registry
 
 from tests.backend.test_fork import in_child
+from tests.support.db import DRIVER
 from tests.support.requests import backend_pid, one_thread_per_backend, run_request
 
 OTHER_DATABASE = "postgres"  # on the suite's server, beside the tests' database
@@ -648,6 +649,236 @@ def test_a_server_side_cursor_executed_again_never_runs_on_the_next_borrowers_se
     assert "closed" in seen["use"] or "more than once" in seen["use"], seen
     assert "error" not in seen, seen  # and the other borrower's transaction goes on
     assert seen["txid"] == seen["txid_after"], seen
+
+
+# -- finalizers run by the garbage collector ----------------------------------------------
+#
+# The collector runs where a thread allocates: inside psycopg 3's execute(), with the
+# connection's lock held (a threading.Lock), or between Django's ensure_connection() and
+# create_cursor(). A finalizer that closes a cursor then runs there. A hang in CI
+# (dj61-psycopg, an async test whose failed stream left an iterator to the collector)
+# is what sent us looking. Each test runs its thread under a watchdog: a finalizer that
+# waits for the lock its own thread holds would hang the suite, not fail it.
+
+
+def _rows_left_to_the_collector(alias: str, *, keep: bool = False) -> Any:
+    """Open a server-side cursor in a generator, read from it, leave it in a cycle
+    (or return it, if ``keep``: the caller makes the cycle).
+
+    What an abandoned ``QuerySet.iterator()`` is: Django's cursor_iter() closes
+    its cursor in a ``finally``, which runs when the collector frees it.
+    """
+
+    def rows() -> Any:
+        cursor = connections[alias].chunked_cursor()
+        try:
+            cursor.execute("SELECT generate_series(1, 1000)")
+            while True:
+                yield cursor.fetchmany(2)
+        finally:
+            cursor.close()
+
+    gen = rows()
+    assert next(gen) == [(1,), (2,)]
+    if keep:
+        return gen
+    cycle: list[Any] = [gen]
+    cycle.append(cycle)
+    return None
+
+
+def _watched(alias: str, body: Any) -> dict[str, Any]:
+    """Run ``body(raw_lock)`` in a thread of its own with the collector off; if it is
+    still running after 10 s, free the driver's lock it waits for and tell so."""
+    seen: dict[str, Any] = {}
+    lock_of: list[Any] = []
+
+    def run() -> None:
+        try:
+            conn = connections[alias]
+            conn.ensure_connection()
+            lock_of.append(getattr(conn.connection, "lock", None))  # psycopg 3's
+            body(conn, seen)
+        except BaseException as error:  # noqa: BLE001
+            seen.setdefault("error", f"{type(error).__name__}: {error}")
+        finally:
+            connections[alias].close()
+
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()  # the test says where the collector runs
+    try:
+        t = _run(run)
+        t.join(10)
+        if t.is_alive():
+            seen["hung"] = True
+            if lock_of and lock_of[0] is not None:
+                lock_of[0].release()  # the waiter ends; the test fails, the suite goes on
+            t.join(10)
+    finally:
+        if enabled:
+            gc.enable()
+    return seen
+
+
+psycopg3_only = pytest.mark.skipif(
+    DRIVER != "psycopg",
+    reason="psycopg2 holds its connection's lock only in C, with the GIL released: "
+    "no finalizer runs while it is held",
+)
+
+
+@psycopg3_only
+@pytest.mark.parametrize("lease", LEASES)
+def test_a_kept_server_side_cursor_freed_while_the_next_borrower_is_inside_psycopg_does_not_wait(
+    pooled_alias, lease
+) -> None:
+    alias, _ = pooled_alias(pool_options={"pool_size": 1, "max_overflow": 0, "lease": lease})
+    cursor = _kept_server_side_cursor(alias)  # closed at checkin; kept (a generator's)
+
+    def next_borrower(conn: Any, seen: dict[str, Any]) -> None:
+        with transaction.atomic(using=alias):
+            with conn.cursor() as c:
+                seen["txid"] = _one(c, "SELECT txid_current()")
+            with conn.connection.lock:  # inside psycopg: where the collector may run
+                cursor.close()  # the generator's finally, run by the collector
+            with conn.cursor() as c:
+                seen["txid_after"] = _one(c, "SELECT txid_current()")
+
+    seen = _watched(alias, next_borrower)
+    assert "hung" not in seen and "error" not in seen, seen
+    assert seen["txid"] == seen["txid_after"], seen
+
+
+@psycopg3_only
+@pytest.mark.parametrize("lease", LEASES)
+def test_an_abandoned_iterator_of_the_current_lease_collected_inside_psycopg_does_not_wait(
+    pooled_alias, lease
+) -> None:
+    # Its cursor is still open: closing it would wait for the lock this thread
+    # holds. The close is left to the checkin, which closes every cursor.
+    alias, _ = pooled_alias(pool_options={"pool_size": 1, "max_overflow": 0, "lease": lease})
+
+    def borrower(conn: Any, seen: dict[str, Any]) -> None:
+        with transaction.atomic(using=alias):
+            _rows_left_to_the_collector(alias)
+            with conn.connection.lock:  # inside psycopg, when the collector runs
+                seen["collected"] = gc.collect()
+            with conn.cursor() as c:
+                seen["cursors"] = _one(c, "SELECT count(*) FROM pg_cursors")
+
+    seen = _watched(alias, borrower)
+    assert "hung" not in seen and "error" not in seen, seen
+    assert seen["collected"] > 0 and seen["cursors"] == 1, seen  # left for the checkin
+    after: dict[str, Any] = {}
+
+    def next_borrower(conn: Any, seen: dict[str, Any]) -> None:
+        with conn.cursor() as c:
+            seen["cursors"] = _one(c, "SELECT count(*) FROM pg_cursors")
+
+    after = _watched(alias, next_borrower)
+    assert after == {"cursors": 0}, after  # closed at checkin
+    assert pool_stats(alias)[0]["invalidated"] == 0
+
+
+@pytest.mark.parametrize("lease", LEASES)
+def test_kept_iterators_freed_by_the_collector_while_the_next_borrower_queries_never_hang(
+    pooled_alias, lease
+) -> None:
+    # The CI hang, made likely: a request leaves an iterator (its cursor) in a
+    # cycle; the next borrower of the same connection runs queries while the
+    # main thread drops the last reference and waits without allocating, so
+    # the next borrower's next allocation runs a full collection and the
+    # iterator's finalizer, often inside psycopg with the connection's lock held.
+    import weakref
+
+    alias, _ = pooled_alias(
+        pool_options={"pool_size": 1, "max_overflow": 0, "timeout": 10, "lease": lease}
+    )
+    kept: list[Any] = []
+    seen: dict[str, Any] = {"queries": 0, "rounds": 0}
+    locks: list[Any] = []
+
+    def leaves_an_iterator() -> None:
+        from django.core.signals import request_finished, request_started
+
+        request_started.send(sender=None)
+        try:
+            gen = _rows_left_to_the_collector(alias, keep=True)
+            cycle: list[Any] = [gen]
+            cycle.append(cycle)
+            kept.extend((weakref.ref(gen), cycle))
+        finally:
+            request_finished.send(sender=None)
+
+    def next_borrower(querying: threading.Event, stop: threading.Event) -> None:
+        conn = connections[alias]
+        try:
+            while not stop.is_set():
+                with conn.cursor() as c:
+                    c.execute("SELECT 1")
+                    c.fetchall()
+                seen["queries"] += 1
+                locks.append(getattr(conn.connection, "lock", None))  # psycopg 3's
+                querying.set()
+        except BaseException as error:  # noqa: BLE001
+            seen.setdefault("error", f"{type(error).__name__}: {error}")
+        finally:
+            conn.close()
+
+    thresholds = gc.get_threshold()
+    for _ in range(20):
+        _run(leaves_an_iterator).join(10)
+        ref, cycle = kept
+        kept.clear()
+        assert ref() is not None
+        querying, stop = threading.Event(), threading.Event()
+        t = _run(next_borrower, querying, stop)
+        assert querying.wait(10)
+        gc.set_threshold(1, 1, 1)  # the next allocation collects everything
+        try:
+            del cycle
+            deadline = time.monotonic() + 5
+            while ref() is not None and time.monotonic() < deadline:
+                time.sleep(0.001)
+        finally:
+            gc.set_threshold(*thresholds)
+        stop.set()
+        t.join(10)
+        if t.is_alive():
+            seen["hung"] = True
+            if locks[-1] is not None:
+                locks[-1].release()  # the waiter ends; the test fails, the suite goes on
+            t.join(10)
+            break
+        seen["rounds"] += 1
+    assert "hung" not in seen and "error" not in seen, seen
+    assert seen["rounds"] == 20, seen
+    assert pool_stats(alias)[0]["checked_out"] == 0
+
+
+def test_a_collected_iterator_never_gives_back_the_connection_of_a_thread_about_to_use_it(
+    pooled_alias,
+) -> None:
+    # lease='transaction' gives the connection back when a cursor's close leaves
+    # nothing open. Run by the collector, that close may come between Django's
+    # ensure_connection() and create_cursor(), or inside psycopg: the thread goes
+    # on with a connection it no longer holds (Django: None.cursor()).
+    alias, _ = pooled_alias(
+        pool_options={"pool_size": 1, "max_overflow": 0, "lease": "transaction"}
+    )
+
+    def borrower(conn: Any, seen: dict[str, Any]) -> None:
+        _rows_left_to_the_collector(alias)
+        seen["collected"] = gc.collect() > 0  # as if run inside the next statement
+        seen["held"] = conn.connection is not None
+        seen["checked_out"] = pool_stats(alias)[0]["checked_out"]
+        with conn.cursor() as c:
+            seen["cursors"] = _one(c, "SELECT count(*) FROM pg_cursors")
+
+    seen = _watched(alias, borrower)
+    assert seen == {"collected": True, "held": True, "checked_out": 1, "cursors": 0}, seen
+    assert pool_stats(alias)[0]["checked_out"] == 0  # given back at the statement's end
 
 
 def test_pgpool_called_inside_a_transaction_leaves_the_callers_connection_alone(

@@ -36,6 +36,10 @@ SQLALCHEMY = {
 }
 COMMON = [
     "pytest>=8",
+    # A test still running after pyproject.toml's `timeout` prints every
+    # thread's stack and ends its lane: a hang fails in minutes, with the
+    # stacks to read, instead of running into CI's limit.
+    "pytest-timeout>=2.3",
     "dj-database-url>=3.0",
     "gunicorn>=22",
     "uvicorn>=0.30",

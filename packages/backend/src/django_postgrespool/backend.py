@@ -10,6 +10,7 @@ into, the pool of :mod:`django_postgrespool.pool`.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import threading
 import time
@@ -115,18 +116,57 @@ _RELEASING: dict[type, type] = {}
 _GUARDED: dict[type, type] = {}
 
 
+# The thread the garbage collector runs in while it runs (None otherwise).
+# Finalizers run inside the collection, in whatever the thread was doing: in
+# psycopg 3's code, holding a connection's lock, a finalizer that waits for
+# that lock (an abandoned QuerySet.iterator() closing its cursor) never ends.
+_collector: int | None = None
+
+
+def _note_collection(phase: str, info: dict[str, int]) -> None:
+    global _collector
+    _collector = get_ident() if phase == "start" else None
+
+
+def _in_collection() -> bool:
+    """Tell whether this thread is running the garbage collector's finalizers."""
+    return _collector == get_ident()
+
+
+gc.callbacks.append(_note_collection)
+
+
 def _guarded(cursor_class: Any) -> type:
     """``cursor_class`` (psycopg 3's server-side cursor, or Django's) refusing to
-    send anything once closed.
+    send anything once closed, and whose close() never waits for the
+    connection when it need not.
 
     Closed at checkin, such a cursor kept past its lease still sends its
     CLOSE (execute() again) or MOVE (scroll()) before it checks: on the
     session of whoever borrowed the connection next, whose transaction the
     error aborts. psycopg2 checks first.
+
+    psycopg 3 takes the connection's lock before it looks at ``closed``:
+    a generator holding such a cursor, freed by the garbage collector in the
+    thread that borrowed the connection next, while that thread was inside
+    psycopg holding the lock, waited for itself for good. Closed already, it
+    returns at once; run by the collector and the lock taken, the close is
+    left to the checkin, which closes every cursor of the lease
+    (close_at_checkin(), which waits).
     """
     made = _GUARDED.get(cursor_class)
     if made is None:
         interface_error = _Database.InterfaceError
+
+        def close(self: Any) -> None:
+            if self.closed:
+                return
+            if _in_collection():
+                lock = self._conn.lock
+                if not lock.acquire(blocking=False):  # perhaps this thread's
+                    return
+                lock.release()
+            cursor_class.close(self)
 
         def execute(self: Any, *args: Any, **kwargs: Any) -> Any:
             if self.closed:
@@ -145,6 +185,8 @@ def _guarded(cursor_class: Any) -> type:
                 "__slots__": (),
                 "execute": execute,
                 "scroll": scroll,
+                "close": close,
+                "close_at_checkin": cursor_class.close,
                 "__doc__": cursor_class.__doc__,
                 "__module__": cursor_class.__module__,
             },
@@ -504,6 +546,10 @@ class PooledDatabaseWrapperMixin:
             # entering atomic() (autocommit off, its flags not set yet). The
             # owner gives it back at its next statement's end.
             or self._thread_ident != get_ident()  # type: ignore[attr-defined]
+            # A finalizer run by the garbage collector (an abandoned iterator's
+            # cursor closed): this thread may be anywhere, even inside psycopg
+            # about to send a query on this connection. Same as above.
+            or _in_collection()
         ):
             return
         for cursor in lease.cursors:
