@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from asyncio import _get_running_loop
+from collections import OrderedDict
 from collections.abc import Hashable, Iterator, Mapping
 from threading import current_thread, get_ident
 from typing import Any, TypedDict
@@ -116,24 +117,24 @@ _RELEASING: dict[type, type] = {}
 _GUARDED: dict[type, type] = {}
 
 
-# The thread the garbage collector runs in while it runs (None otherwise).
-# Finalizers run inside the collection, in whatever the thread was doing: in
-# psycopg 3's code, holding a connection's lock, a finalizer that waits for
-# that lock (an abandoned QuerySet.iterator() closing its cursor) never ends.
-_collector: int | None = None
-
-
-def _note_collection(phase: str, info: dict[str, int]) -> None:
-    global _collector
-    _collector = get_ident() if phase == "start" else None
+# Whether the garbage collector is running: its last phase is moved to the end
+# (a "start" or "stop" callback). Finalizers run inside the collection, in
+# whatever their thread was doing: in psycopg 3's code, holding a connection's
+# lock, a finalizer that waits for that lock (an abandoned QuerySet.iterator()
+# closing its cursor) never ends. The callback is OrderedDict's C method, not a
+# function of ours: Python code there would run signal handlers, whose
+# exceptions (KeyboardInterrupt) the collector can only print.
+_gc_phase: OrderedDict[str, None] = OrderedDict(start=None, stop=None)
+gc.callbacks.append(_gc_phase.move_to_end)  # called as (phase, info): to the end
 
 
 def _in_collection() -> bool:
-    """Tell whether this thread is running the garbage collector's finalizers."""
-    return _collector == get_ident()
-
-
-gc.callbacks.append(_note_collection)
+    """Tell whether the garbage collector is running (its finalizers, in this
+    thread, or in another while one of them let go of the GIL)."""
+    try:
+        return next(reversed(_gc_phase)) == "start"
+    except RuntimeError:  # a collection ran meanwhile: none was running when asked
+        return False
 
 
 def _guarded(cursor_class: Any) -> type:
