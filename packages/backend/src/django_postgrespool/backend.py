@@ -125,7 +125,7 @@ _GUARDED: dict[type, type] = {}
 # function of ours: Python code there would run signal handlers, whose
 # exceptions (KeyboardInterrupt) the collector can only print.
 _gc_phase: OrderedDict[str, None] = OrderedDict(start=None, stop=None)
-gc.callbacks.append(_gc_phase.move_to_end)  # called as (phase, info): to the end
+gc.callbacks.append(_gc_phase.move_to_end)  # type: ignore[arg-type]  # (phase, info): to the end
 
 
 def _in_collection() -> bool:
