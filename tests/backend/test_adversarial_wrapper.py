@@ -688,8 +688,9 @@ def _rows_left_to_the_collector(alias: str, *, keep: bool = False) -> Any:
 
 
 def _watched(alias: str, body: Any) -> dict[str, Any]:
-    """Run ``body(raw_lock)`` in a thread of its own with the collector off; if it is
-    still running after 10 s, free the driver's lock it waits for and tell so."""
+    """Run ``body(wrapper, seen)`` in a thread of its own, connected, with the collector
+    off (the body runs it where it means to); if it is still running after 10 s, free
+    psycopg 3's connection lock it waits for and tell so. Return ``seen``."""
     seen: dict[str, Any] = {}
     lock_of: list[Any] = []
 
