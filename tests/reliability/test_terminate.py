@@ -16,6 +16,7 @@ pytestmark = pytest.mark.reliability
 
 POOL = {"pool_size": 8, "max_overflow": 0, "timeout": 10}
 TERMINATED = "terminating connection due to administrator command"
+HUNG_UP = "server closed the connection unexpectedly"
 
 
 @pytest.mark.parametrize("pre_ping", [False, "socket", True], ids=["no-ping", "socket", "ping"])
@@ -51,9 +52,13 @@ def test_each_terminated_backend_fails_at_most_one_request_and_is_replaced(
     failed = failures(outcomes)
     # A request whose connection was terminated while Django set it up (a
     # new one: the kills pick any session of the pool) failed before it
-    # knew the backend's pid; the server's own message says why.
+    # knew the backend's pid. libpq says why: the server's own message, or,
+    # when the server had hung up before libpq read that message, its own
+    # (seen once in a landing CI, psycopg2, idle connections).
     unnamed = [o for o in failed if o.pid is None]
-    assert all(TERMINATED in str(o.error) for o in unnamed), [repr(o.error) for o in unnamed][:3]
+    assert all(
+        TERMINATED in str(o.error) or HUNG_UP in str(o.error) for o in unnamed
+    ), [repr(o.error) for o in unnamed][:3]
     failed = [o for o in failed if o.pid is not None]
     per_backend = Counter(o.pid for o in failed)
     # A failure always happened on a connection that was terminated, and
