@@ -21,6 +21,7 @@ from django.db import connections, transaction
 from django_postgrespool import pool_stats, registry
 
 from tests.backend.test_fork import in_child
+from tests.reliability.load import wait_until
 from tests.support.db import DRIVER
 from tests.support.requests import backend_pid, one_thread_per_backend, run_request
 
@@ -430,26 +431,20 @@ def test_stats_and_pgpool_during_a_storm_with_sweeps_leak_warnings_and_recycling
     assert broken == [], broken[:2]
     (stats,) = pool_stats(alias)
     assert stats["checked_out"] == 0 and stats["waiting"] == 0 and stats["size"] <= 4
-    deadline = time.monotonic() + 15  # the housekeeper sweeps what is beyond pool_size
-    while pool_stats(alias)[0]["size"] > 2 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    # Its last close may still be under way: out of the size, not yet counted
-    # as closed (a snapshot never stops the pool). A lost connection never settles.
-    stats = _settled_stats(alias)
+
+    def settled() -> bool:
+        # The housekeeper sweeps what is beyond pool_size; its last close may
+        # be under way: out of the size, not yet counted as closed (a snapshot
+        # never stops the pool). A lost connection never settles.
+        (st,) = pool_stats(alias)
+        return st["size"] <= 2 and st["opened"] - st["closed"] == st["size"]
+
+    wait_until(settled, 15)
+    (stats,) = pool_stats(alias)
     assert stats["opened"] - stats["closed"] == stats["size"] <= 2, stats
     assert stats["checked_out"] == 0
     settled = monitor.settled_count(app, stats["size"], timeout=10)
     assert settled == pool_stats(alias)[0]["size"]
-
-
-def _settled_stats(alias: str, timeout: float = 10.0) -> dict[str, Any]:
-    """The pool's stats once no connection is between opened and lent, or closing."""
-    deadline = time.monotonic() + timeout
-    while True:
-        (stats,) = pool_stats(alias)
-        if stats["opened"] - stats["closed"] == stats["size"] or time.monotonic() > deadline:
-            return stats
-        time.sleep(0.01)
 
 
 # -- Django's transaction edge cases through the pool ---------------------------------------

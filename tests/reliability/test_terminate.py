@@ -54,7 +54,7 @@ def test_each_terminated_backend_fails_at_most_one_request_and_is_replaced(
     # new one: the kills pick any session of the pool) failed before it
     # knew the backend's pid. libpq says why: the server's own message, or,
     # when the server had hung up before libpq read that message, its own
-    # (seen once in a landing CI, psycopg2, idle connections).
+    # (seen once in CI, psycopg2, idle connections).
     unnamed = [o for o in failed if o.pid is None]
     assert all(
         TERMINATED in str(o.error) or HUNG_UP in str(o.error) for o in unnamed
