@@ -440,8 +440,14 @@ def test_restart_while_borrowers_hold_idle_connections_fails_no_waiter(
         w.join(20)
     assert not any(w.is_alive() for w in waiters)
     assert [type(r) for r, _ in outcomes] == [int, int], outcomes
+    # A dead connection given back while the first in line was still young
+    # (fair_after) stays idle, and that waiter may then be handed the next
+    # one given back, a new one: the dead one is left for the next checkouts
+    # to find (seen in CI). Both slots borrowed at once: every connection the
+    # pool keeps is checked, none lent dead.
+    assert [type(r) for r in _at_once(alias, 2)] == [int, int]
     stats = _assert_accounting(alias)
-    assert stats["invalidated"] == 2 and stats["connect_failures"] == 0
+    assert stats["invalidated"] == 2 and stats["connect_failures"] == 0, stats
 
 
 # -- the server ends sessions: idle_session_timeout, idle in transaction --------
