@@ -457,10 +457,13 @@ def test_restart_while_borrowers_hold_idle_connections_fails_no_waiter(
 def test_idle_session_timeout_of_the_role_fails_no_request_of_a_full_pool(
     app_alias, role_setting, pre_ping
 ):
-    role_setting("idle_session_timeout", "300ms")
+    # 1 s: the new connections the checkouts open must not sit idle that
+    # long before their first query (300 ms did on a slow machine: one
+    # request failed on a connection opened for it, the old ones all found).
+    role_setting("idle_session_timeout", "1s")
     alias, _ = app_alias("idle_role", pool_options={"pool_size": 3, "pre_ping": pre_ping})
     assert _all_served(_at_once(alias, 3))
-    time.sleep(0.8)
+    time.sleep(1.8)
     assert _all_served(_at_once(alias, 3)), "a request got a session ended by the server"
     (stats,) = pool_stats(alias)
     assert stats["invalidated"] == 3
@@ -471,10 +474,10 @@ def test_idle_session_timeout_of_the_role_fails_no_request_of_a_full_pool(
 def test_idle_session_timeout_with_pre_ping_off_fails_one_request_of_three(
     app_alias, role_setting
 ):
-    role_setting("idle_session_timeout", "300ms")
+    role_setting("idle_session_timeout", "1s")  # see the test above
     alias, _ = app_alias("idle_role_off", pool_options={"pool_size": 3, "pre_ping": False})
     assert _all_served(_at_once(alias, 3))
-    time.sleep(0.8)
+    time.sleep(1.8)
     failures = 0
     for _ in range(4):
         try:
