@@ -432,14 +432,14 @@ def test_stats_and_pgpool_during_a_storm_with_sweeps_leak_warnings_and_recycling
     (stats,) = pool_stats(alias)
     assert stats["checked_out"] == 0 and stats["waiting"] == 0 and stats["size"] <= 4
 
-    def settled() -> bool:
+    def at_rest() -> bool:
         # The housekeeper sweeps what is beyond pool_size; its last close may
         # be under way: out of the size, not yet counted as closed (a snapshot
         # never stops the pool). A lost connection never settles.
         (st,) = pool_stats(alias)
         return st["size"] <= 2 and st["opened"] - st["closed"] == st["size"]
 
-    wait_until(settled, 15)
+    wait_until(at_rest, 15)
     (stats,) = pool_stats(alias)
     assert stats["opened"] - stats["closed"] == stats["size"] <= 2, stats
     assert stats["checked_out"] == 0
