@@ -41,14 +41,17 @@ help: ## Show this help
 system-deps: ## Install the Debian packages the suites use (PostGIS, PgBouncer, wrk) when root
 	@bash tests/support/system-deps.sh
 
-# With MATRIX=1 the lanes of the servers tests run one after the other while
-# the other lanes (no servers tests: about 3 min each) run beside them, one
-# after the other too: a lane leaves the machine's 2 cores about 60 % idle
-# (it mostly waits on its servers). The legacy lane runs beside both (~30 s of
-# CPU in its ~2.5 min). The output of those beside is printed at the end; a
-# failing lane stops its own sequence only; Ctrl-C stops them all.
-MAIN_LANES = $(filter $(SERVER_LANES) $(DEFAULT_LANE),$(LANES))
-SIDE_LANES = $(filter-out $(SERVER_LANES) $(DEFAULT_LANE),$(LANES))
+# With MATRIX=1 the lanes run in two sequences side by side, of about the same
+# length: a lane leaves the machine's 2 cores about 60 % idle (it mostly waits
+# on its servers). The first holds the default lane and the other servers lanes
+# but BESIDE_SERVER_LANES; the second those, then the lanes without servers
+# tests (about 3 min each). The legacy lane runs beside both (~30 s of CPU in
+# its ~2.5 min). The output of the second and the legacy lane's are printed at
+# the end; a failing lane stops its own sequence only; Ctrl-C stops them all.
+BESIDE_SERVER_LANES := dj61-psycopg
+MAIN_LANES = $(filter $(filter-out $(BESIDE_SERVER_LANES),$(SERVER_LANES)) $(DEFAULT_LANE),$(LANES))
+SIDE_LANES = $(strip $(filter $(BESIDE_SERVER_LANES),$(filter-out $(MAIN_LANES),$(LANES))) \
+	$(filter-out $(SERVER_LANES) $(DEFAULT_LANE),$(LANES)))
 
 .PHONY: test
 test: system-deps ## Run the test suite (DJANGO=, DRIVER=, or MATRIX=1 for every lane) and, beside it, the legacy lane
