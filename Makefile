@@ -21,10 +21,9 @@ LANE := dj$(subst .,,$(DJANGO))-$(DRIVER)
 # lanes only, each Django release and each driver once; one lane runs them all.
 SERVER_LANES := dj42-psycopg2 dj52-psycopg dj61-psycopg
 # The pool's unit tests on a fake DB-API (marker "pool_unit") depend on the
-# Python version only: they run in one lane per Python version the matrix uses,
-# but for 3.13 (dj61-psycopg2, tests/support/lanes.py: the interrupt points'
-# tracer models the bytecode of 3.11/3.12).
-POOL_UNIT_LANES := dj52-psycopg dj61-psycopg
+# Python version only: they run in one lane per Python version the matrix uses
+# (3.11, 3.12 and 3.13: tests/support/lanes.py).
+POOL_UNIT_LANES := dj52-psycopg dj61-psycopg dj61-psycopg2
 # Tests marked "default_lane" run once, in the default lane: those of `make
 # demo` (the lane it uses; the others serve the example in their own tests)
 # and those that do not depend on the lane's Django or driver. The default

@@ -13,7 +13,7 @@ threads finish, and nothing may be lost: no connection in use by nobody,
 idle outside the idle set, gone but still counted, closed under its
 borrower or lent to two borrowers; then the counts add up (assert_quiescent).
 
-The injection points are where CPython 3.11/3.12 runs a Python signal
+The injection points are where CPython 3.11 to 3.13 runs a Python signal
 handler, and only those (a line tracer raising between two plain bytecodes,
 as test_adversarial_process.py does, finds defects no handler can cause):
 
@@ -94,7 +94,9 @@ SETTLE = 2.0  # seconds another thread may take to finish what it was handed
 MAX_POINTS = 3000  # injection points of one operation
 MAX_FAILURES = 8  # points that lost something, reported together
 
-_CALLS = frozenset({"CALL", "CALL_FUNCTION_EX"})
+# CALL_KW: a call with keyword arguments (3.13; CALL with KW_NAMES before it on 3.11/3.12).
+_CALLS = frozenset({"CALL", "CALL_KW", "CALL_FUNCTION_EX"})
+_PLAIN_CALLS = frozenset({"CALL", "CALL_KW"})
 _BACKWARD = frozenset(
     name
     for name in (
@@ -247,7 +249,7 @@ class Injector:
         if (
             isinstance(tracer, _Frame)
             and tracer.last is not None
-            and tracer.last[1][0] == "CALL"
+            and tracer.last[1][0] in _PLAIN_CALLS
             and code.co_name not in _THROUGH_C
             and not code.co_flags & _GENERATOR_FLAGS
         ):
@@ -255,12 +257,18 @@ class Injector:
         if self._excluded(frame):
             return None
         ins = _instructions(code).get(frame.f_lasti)
-        # RESUME 0 (a call) and 1 (after a yield) check the eval breaker; 2 and 3 do not.
-        if ins is None or ins[0] != "RESUME" or (ins[3] or 0) < 2:
+        # RESUME 0 (a call) and 1 (after a yield) check the eval breaker; 2 and 3 do not
+        # (3.13 adds the exception depth in bit 2).
+        if ins is None or ins[0] != "RESUME" or (ins[3] or 0) & 3 < 2:
             self.point(frame, "at the entry", None)
         local = _Frame(self)
         frame.f_trace_opcodes = True
         frame.f_trace_lines = False
+        # Set here, not only returned: on 3.13 a frame's opcode events are
+        # turned on when its f_trace is set with f_trace_opcodes on, and the
+        # return value of the call event does not count as setting it (the
+        # opcodes of a function's first traced call would go unseen).
+        frame.f_trace = local.trace
         return local.trace
 
     def _excluded(self, frame: FrameType) -> bool:

@@ -144,6 +144,7 @@ class DjangoInjector(WrapperInjector):
         local = Injector._call(self, frame, event, arg)
         if local is not None and not _traced(frame):
             frame.f_trace_opcodes = False  # its entry was the point
+            frame.f_trace = None  # set by Injector._call
             return None
         return local
 

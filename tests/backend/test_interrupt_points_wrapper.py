@@ -103,6 +103,7 @@ class WrapperInjector(Injector):
             # Its entry was the point: no opcode tracing of Django's or
             # psycopg's body (only the package's frames are raised in).
             frame.f_trace_opcodes = False
+            frame.f_trace = None  # set by Injector._call
             return None
         return local
 

@@ -28,10 +28,8 @@ DJANGO = {"4.2": "Django>=4.2,<4.3", "5.2": "Django>=5.2,<5.3", "6.1": "Django>=
 # Python each Django runs on here (6.1 needs >= 3.12).
 PYTHON = {"4.2": "3.11", "5.2": "3.11", "6.1": "3.12"}
 # Lanes on a Python of their own: the matrix then covers 3.11, 3.12 and 3.13.
-# dj61-psycopg2 runs neither the servers tests nor the pool's unit tests with
-# `make test MATRIX=1` (see the Makefile): the interrupt points' tracer models
-# the bytecode of 3.11/3.12 (on 3.13 an opcode tracer set at a frame's call
-# event sees no opcode of that call), and runs in the other two.
+# dj61-psycopg2 runs the pool's unit tests but not the servers tests with
+# `make test MATRIX=1` (see the Makefile).
 LANE_PYTHON = {"dj61-psycopg2": "3.13"}
 DRIVERS = {"psycopg": "psycopg[binary]>=3.1.8", "psycopg2": "psycopg2-binary>=2.9"}
 # Both SQLAlchemy series the backend supports, spread over the lanes.
