@@ -198,6 +198,14 @@ def app_backends(example_db: ExampleDatabase) -> set[int]:
         "AND application_name LIKE 'exampleproject%%'", (example_db.name,))}
 
 
+def sleeping_now(example_db: ExampleDatabase) -> int:
+    """Sessions of the example running /adv/whoami's pg_sleep() now."""
+    return int(example_db.query(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND state = 'active' "
+        "AND query LIKE '%%pg_sleep%%' AND application_name LIKE 'exampleproject%%'",
+        (example_db.name,))[0][0])
+
+
 def default_sessions(example_db: ExampleDatabase) -> int:
     """Sessions of the 'default' alias ('reports' is prewarmed too: examples/gunicorn.conf.py)."""
     return int(example_db.query(
@@ -410,8 +418,9 @@ def test_graceful_sigterm_closes_every_session_without_noise(
     assert example_db.sessions() >= 1
     # A request in flight when SIGTERM arrives finishes (graceful), then all ends.
     with ThreadPoolExecutor(1) as client:
-        inflight = client.submit(get, served.base, "/adv/whoami?ms=800")
-        time.sleep(0.3)
+        inflight = client.submit(get, served.base, "/adv/whoami?ms=3000")
+        # In its query (not only sent: a loaded machine may not have accepted it yet).
+        assert wait_until(lambda: sleeping_now(example_db) > 0, 2.5, interval=0.02)
         status = stop(served.process)
         assert inflight.result()[0] == 200
     assert status == 0, served.output()[-3000:]
