@@ -23,7 +23,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -38,6 +38,7 @@ from tests.example.helpers import (
     start_server,
     stop,
 )
+from tests.reliability.load import wait_until
 
 # Once per CI run (the default lane): what is looked at here is gunicorn's and
 # uvicorn's process model around the pool, not the Django or driver version.
@@ -211,15 +212,6 @@ def default_sessions(example_db: ExampleDatabase) -> int:
     return int(example_db.query(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
         "AND application_name = 'exampleproject'", (example_db.name,))[0][0])
-
-
-def wait_until(check: Callable[[], bool], timeout: float = 15, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(interval)
-    return check()
 
 
 def worker_pids(master: int) -> set[int]:

@@ -173,7 +173,7 @@ def rss_kib() -> int:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+def wait_until(predicate: Callable[[], bool], timeout: float = 15, interval: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
