@@ -198,15 +198,17 @@ def server_processes() -> dict[int, tuple[str, list[str]]]:
     return found
 
 
-def server_cpu() -> dict[str, float]:
-    """Return the CPU seconds so far of the PostgreSQL and of the PgBouncer processes.
+def server_cpu(processes: dict[int, tuple[str, list[str]]] | None = None) -> dict[str, float]:
+    """Return the CPU seconds so far of the PostgreSQL and of the PgBouncer processes
+    (of ``processes``, a server_processes() snapshot, when given).
 
     A process that ends between two readings takes its time with it: the
-    difference is a lower bound (the fleet's server sessions live through a cell).
+    difference is a lower bound for the processes that live through both
+    (the fleet's server sessions live through a cell).
     """
     tick = os.sysconf("SC_CLK_TCK")
     total = {"postgres": 0, "pgbouncer": 0}
-    for name, fields in server_processes().values():
+    for name, fields in (server_processes() if processes is None else processes).values():
         total[name] += int(fields[11]) + int(fields[12])  # utime, stime
     return {name: ticks / tick for name, ticks in total.items()}
 
