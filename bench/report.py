@@ -495,9 +495,12 @@ def chart(path: Path, rows: list[dict[str, Any]]) -> None:
             seen.setdefault(label, handle)
     labels = [ALTERNATIVES[a][0] for a in ALTERNATIVES if ALTERNATIVES[a][0] in seen]
     handles = [seen[label] for label in labels]
-    fig.legend(handles, labels, loc="upper center", ncol=3, fontsize=9, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 0.94))
-    fig.savefig(path, dpi=110)
+    # Two columns: the longest labels do not fit three to a row at this width.
+    legend_rows = -(-len(labels) // 2)
+    fig.legend(handles, labels, loc="upper center", ncol=2, fontsize=9, frameon=False)
+    height = fig.get_size_inches()[1]
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.2 * legend_rows + 0.15) / height))
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
